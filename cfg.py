@@ -1,0 +1,198 @@
+"""Command-line flags -> one typed Config. Nothing else in the toolkit reads argv.
+
+Flags are single-dash and follow Medical-SAM-Adapter's names where it has one. Each field of
+`Config` declares its flag help and the scripts that accept it; the parsers are generated from it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from common.errors import UserError
+
+TRAIN, VAL, COMPARE = "train", "val", "compare"
+ALL = (TRAIN, VAL, COMPARE)
+RUN = (TRAIN, COMPARE)
+
+MODES = ("sam_adpt", "sam_lora", "sam_adalora", "sam_dora", "sam_full", "sam_decoder")
+LORA_MODES = ("sam_lora", "sam_adalora", "sam_dora")
+
+
+def flag(default, help: str, scripts: Sequence[str] = RUN, choices: Optional[Sequence] = None, **extra):
+    return field(default=default, metadata=dict(help=help, scripts=tuple(scripts), choices=choices, **extra))
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as config.json in the run folder."""
+
+    # model
+    net: str = flag("mobile_sam", "net family: sam | mobile_sam | efficient_sam", ALL)
+    encoder: str = flag("default", "image encoder: sam vit_b|vit_l|vit_h; mobile_sam tiny_vit; "
+                        "efficient_sam vit_t|vit_s; default = the net's default", ALL)
+    mod: str = flag("sam_lora", "adaptation mode", RUN, choices=MODES)
+    mid_dim: Optional[int] = flag(None, "LoRA/DoRA rank (default 4) or Adapter bottleneck (default dim/4)")
+    lora_alpha: Optional[float] = flag(None, "LoRA/DoRA/AdaLoRA scaling alpha (default = rank)")
+    lora_dropout: float = flag(0.0, "dropout on the LoRA branch")
+    lora_conv: bool = flag(False, "LoRA also on the convolutional stem (mobile_sam only; LoRA modes)")
+    adalora_init_r: int = flag(12, "AdaLoRA initial rank per adapted linear")
+    adalora_target_r: int = flag(4, "AdaLoRA average target rank per adapted linear")
+    adalora_tinit: float = flag(0.1, "AdaLoRA warm-up without pruning, as a fraction of all steps")
+    adalora_tfinal: float = flag(0.2, "AdaLoRA final fine-tuning with fixed ranks, as a fraction of all steps")
+    adalora_delta_t: int = flag(1, "AdaLoRA: prune every this many steps during the budget schedule")
+    adalora_orth_reg: float = flag(0.5, "AdaLoRA orthogonal-regulariser weight added to the loss")
+    image_size: int = flag(256, "model input size S (images are resized longest-side and padded to S x S)", ALL)
+    out_size: Optional[int] = flag(None, "resolution of loss and metrics (default = image_size)", ALL)
+    sam_ckpt: Optional[str] = flag(None, "official base weights file; without it the base is random", ALL)
+    # data
+    dataset: str = flag("synthetic", "synthetic | folder | isic | refuge", ALL)
+    data_path: Optional[str] = flag(None, "dataset root folder (not needed for synthetic)", ALL)
+    prompt: str = flag("click", "prompt derived from the mask", ALL, choices=("click", "box", "none"))
+    n_points: int = flag(1, "positive clicks per class", ALL)
+    n_neg_points: int = flag(0, "negative clicks per class", ALL)
+    aug: str = flag("light", "training augmentation", RUN, choices=("none", "light", "strong"))
+    val_frac: float = flag(0.2, "held-out validation fraction when the layout has no validation split", RUN)
+    roi_crop: bool = flag(False, "refuge: train on a crop around the optic disc", RUN)
+    rater_policy: str = flag("majority", "refuge multi-rater masks: majority | mean | rater number 1..7", ALL)
+    synthetic_size: int = flag(64, "synthetic: number of training images (val/test get a quarter each)", ALL)
+    synthetic_classes: int = flag(1, "synthetic: 1 (lesion) or 2 (nested disc+cup-like classes)", ALL)
+    max_train: Optional[int] = flag(None, "use only the first N training samples (quick runs)", RUN)
+    max_eval: Optional[int] = flag(None, "use only the first N validation/test samples (quick runs)", ALL)
+    # optimisation
+    b: int = flag(2, "batch size (per process)", ALL)
+    lr: float = flag(1e-4, "learning rate (AdamW)")
+    weight_decay: float = flag(1e-4, "AdamW weight decay")
+    epochs: int = flag(10, "training epochs")
+    sched: str = flag("cosine", "learning-rate schedule, stepped every iteration", choices=("cosine", "step", "none"))
+    seed: int = flag(0, "random seed", ALL)
+    amp: str = flag("none", "autocast: bf16 (CPU/CUDA) or fp16 with a gradient scaler (CUDA)", ALL,
+                    choices=("none", "bf16", "fp16"))
+    grad_ckpt: bool = flag(False, "activation checkpointing of the image-encoder blocks")
+    cache_embeddings: bool = flag(False, "sam_decoder with -aug none: compute image embeddings once")
+    # runtime and outputs
+    device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"))
+    workers: int = flag(0, "data-loading worker processes", ALL)
+    val_freq: int = flag(1, "validate every N epochs")
+    vis: int = flag(1, "write sample overlays every N epochs (0: never)")
+    exp_name: Optional[str] = flag(None, "run name: checkpoint/<exp_name>, figs/<exp_name> (default: derived)")
+    ckpt_root: str = flag("checkpoint", "folder of run folders", ALL)
+    figs_root: str = flag("figs", "folder of figure folders", ALL)
+    resume: Optional[str] = flag(None, "continue the run in this folder from its last.pt", (TRAIN,))
+    ckpt_steps: int = flag(0, "also write last.pt every N training steps inside an epoch (0: at epoch ends)")
+    # val.py
+    weights: Optional[str] = flag(None, "run folder to evaluate (holds config.json)", (VAL,))
+    which: str = flag("best", "which weights of the run folder", (VAL,), choices=("best", "last"))
+    split: str = flag("test", "split to evaluate", (VAL,), choices=("val", "test"))
+    json: Optional[str] = flag(None, "write metrics as JSON to this file", (VAL,))
+    save_pred: Optional[str] = flag(None, "write predicted masks (PNG, original size) and overlays here", (VAL,))
+    images: Optional[str] = flag(None, "predict on a folder of images without masks", (VAL,))
+    boxes: Optional[str] = flag(None, "CSV of boxes (image,x0,y0,x1,y1) in original pixels for -images", (VAL,))
+    merge: bool = flag(False, "fold LoRA/DoRA/AdaLoRA weights into the base linears before evaluating", (VAL,))
+    export: Optional[str] = flag(None, "with -merge: write the merged net in its official checkpoint format", (VAL,))
+    # compare.py
+    mods: str = flag(",".join(m for m in MODES if m != "sam_dora"), "comma-separated modes", (COMPARE,))
+    seeds: str = flag("0", "comma-separated seeds", (COMPARE,))
+    runs: Optional[str] = flag(None, "comma-separated existing run folders to tabulate instead of training",
+                               (COMPARE,))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _parser(script: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{script}.py", argument_default=argparse.SUPPRESS,
+                                     description=f"{script}: SAM-family adaptation toolkit")
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        if script not in meta["scripts"]:
+            continue
+        default = f.default
+        help_text = f"{meta['help']} (default: {default})"
+        if f.type == "bool":
+            parser.add_argument(f"-{f.name}", action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
+        parser.add_argument(f"-{f.name}", type=kind, choices=meta["choices"], help=help_text,
+                            metavar=None if meta["choices"] else f.name.upper())
+    return parser
+
+
+def parse_args(script: str, argv: Optional[Sequence[str]] = None) -> tuple[Config, set[str]]:
+    """Parse argv for one script -> (Config, names of the flags the user gave)."""
+    given = vars(_parser(script).parse_args(argv))
+    config = Config(**given)
+    validate(config, set(given), script)
+    return config, set(given)
+
+
+def validate(config: Config, given: set[str], script: str) -> None:
+    """Reject values and flag combinations that make no sense, with one line naming the flag."""
+    positive = ("image_size", "b", "epochs", "val_freq", "n_points", "synthetic_size", "adalora_init_r",
+                "adalora_target_r", "adalora_delta_t")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise UserError(f"-{name} must be positive, got {getattr(config, name)}")
+    for name in ("mid_dim", "out_size", "max_train", "max_eval"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise UserError(f"-{name} must be positive, got {value}")
+    if config.lr <= 0:
+        raise UserError(f"-lr must be positive, got {config.lr}")
+    if not 0 < config.val_frac < 1:
+        raise UserError(f"-val_frac must be between 0 and 1, got {config.val_frac}")
+    if config.synthetic_classes not in (1, 2):
+        raise UserError(f"-synthetic_classes must be 1 or 2, got {config.synthetic_classes}")
+    if config.dataset != "synthetic" and config.data_path is None and script != VAL:
+        raise UserError(f"-dataset {config.dataset} needs -data_path DIR")
+    if config.rater_policy not in ("majority", "mean") and not (config.rater_policy.isdigit()
+                                                                 and 1 <= int(config.rater_policy) <= 7):
+        raise UserError(f"-rater_policy must be majority, mean or a rater number 1..7, got {config.rater_policy}")
+    if config.mod not in LORA_MODES:
+        for name in ("lora_alpha", "lora_dropout", "lora_conv"):
+            if name in given:
+                raise UserError(f"-{name} only applies to LoRA modes ({', '.join(LORA_MODES)}), not -mod {config.mod}")
+    if config.mod in ("sam_full", "sam_decoder") and "mid_dim" in given:
+        raise UserError(f"-mid_dim has no meaning for -mod {config.mod}; drop it")
+    if config.mod != "sam_adalora" and any(name.startswith("adalora_") for name in given):
+        raise UserError("-adalora_* flags need -mod sam_adalora")
+    if config.mod == "sam_adalora":
+        if config.adalora_target_r > config.adalora_init_r:
+            raise UserError("-adalora_target_r must not exceed -adalora_init_r")
+        if config.adalora_tinit + config.adalora_tfinal >= 1:
+            raise UserError("-adalora_tinit + -adalora_tfinal must be below 1 (no steps left to prune)")
+    if config.cache_embeddings and (config.mod != "sam_decoder" or config.aug != "none"):
+        raise UserError("-cache_embeddings needs -mod sam_decoder and -aug none (the encoder must be frozen "
+                        "and the images unchanged between epochs)")
+    if config.grad_ckpt and config.mod == "sam_decoder":
+        raise UserError("-grad_ckpt has nothing to save with -mod sam_decoder (the encoder runs without gradients)")
+    if config.lora_conv and config.net != "mobile_sam":
+        raise UserError(f"-lora_conv needs a convolutional stem: only -net mobile_sam has one, not {config.net}")
+    if "resume" in given and script == TRAIN and set(given) - {"resume", "device", "workers"}:
+        extra = sorted(set(given) - {"resume", "device", "workers"})
+        raise UserError(f"-resume takes the run's own config.json; drop -{' -'.join(extra)}")
+    if script == VAL and config.weights is None:
+        raise UserError("val.py needs -weights checkpoint/<exp_name>")
+    if config.boxes is not None and config.images is None:
+        raise UserError("-boxes goes with -images DIR")
+    if config.images is not None and config.prompt == "click":
+        raise UserError("-images has no masks to derive clicks from: use -prompt none, or -prompt box with -boxes")
+    if config.images is not None and config.prompt == "box" and config.boxes is None:
+        raise UserError("-images with -prompt box needs -boxes FILE.csv")
+
+
+def experiment_name(config: Config) -> str:
+    """A readable default run name: net_encoder_mod_dataset_sSIZE_seedN."""
+    return f"{config.net}_{config.encoder}_{config.mod}_{config.dataset}_s{config.image_size}_seed{config.seed}"
+
+
+def save_config(config: Config, path) -> None:
+    with open(path, "w") as handle:
+        json.dump(config.to_json(), handle, indent=2, sort_keys=True)

@@ -1,0 +1,1 @@
+"""Small pieces shared by models, datasets and the engine."""

@@ -1,0 +1,81 @@
+"""Per-epoch records: metrics.csv (the source of truth), TensorBoard scalars/images, curve figures."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .checkpoints import atomic_write  # noqa: E402
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """Rewrite the whole CSV from the history kept in last.pt, so a resumed run never duplicates rows."""
+    columns: list[str] = []
+    for row in history:
+        columns += [key for key in row if key not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Loss, Dice and IoU per epoch (validation metrics only on epochs that validated)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    epochs = [row["epoch"] for row in history]
+    axes[0].plot(epochs, [row["train_loss"] for row in history], marker="o")
+    axes[0].set_title("train loss")
+    for ax, metric in zip(axes[1:], ("dice", "iou")):
+        keys = [k for k in history[-1] if k.startswith(f"val_{metric}_")]
+        for key in keys:
+            points = [(row["epoch"], row[key]) for row in history if row.get(key) not in (None, "")]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=key.removeprefix(f"val_{metric}_"),
+                        linewidth=2.5 if key.endswith("_mean") else 1.2)
+        ax.set_title(f"val {metric}")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+class TensorBoardLog:
+    """Scalars and overlay images per epoch; a no-op object on non-main processes."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.writer = None
+        if folder is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(folder))
+
+    def scalars(self, row: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def image(self, tag: str, png_path: Path, step: int) -> None:
+        if self.writer is None:
+            return
+        image = plt.imread(png_path)[..., :3]
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,69 @@
+"""Predicted masks written back at the original image size, with overlays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cfg import Config
+
+from .trainer import predict_logits
+
+CLASS_COLOURS = ((255, 64, 64), (64, 160, 255), (80, 220, 80))  # RGB per class
+
+
+def to_original_size(logits: torch.Tensor, valid_hw: torch.Tensor, original_hw: torch.Tensor) -> np.ndarray:
+    """C x S x S logits -> C x H x W boolean masks: crop the padding, resize to the original size."""
+    height, width = int(valid_hw[0]), int(valid_hw[1])
+    cropped = logits[:, :height, :width][None].float()
+    full = torch.nn.functional.interpolate(cropped, size=(int(original_hw[0]), int(original_hw[1])),
+                                          mode="bilinear", align_corners=False)[0]
+    return (full > 0).cpu().numpy()
+
+
+def overlay(image_rgb: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Blend each class mask in its colour and outline it."""
+    out = image_rgb.astype(np.float32)
+    for mask, colour in zip(masks, CLASS_COLOURS):
+        out[mask] = 0.6 * out[mask] + 0.4 * np.array(colour, dtype=np.float32)
+    out = out.clip(0, 255).astype(np.uint8)
+    for mask, colour in zip(masks, CLASS_COLOURS):
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, colour, 2)
+    return out
+
+
+@torch.no_grad()
+def save_predictions(model: torch.nn.Module, dataset: Dataset, config: Config, device: torch.device,
+                     out_dir: Path, class_names: list[str]) -> int:
+    """Write <name>.png (binary) or <name>_<class>.png (several classes), 0/255 at the original size,
+    and <name>_overlay.png; returns the number of images written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    loader = DataLoader(dataset, batch_size=config.b, num_workers=config.workers)
+    written = 0
+    for batch in tqdm(loader, desc="predict", leave=False):
+        logits = predict_logits(model, batch, device, config.amp, config.image_size)
+        for i, name in enumerate(batch["name"]):
+            masks = to_original_size(logits[i], batch["valid_hw"][i], batch["original_hw"][i])
+            for mask, class_name in zip(masks, class_names):
+                suffix = "" if len(class_names) == 1 else f"_{class_name}"
+                cv2.imwrite(str(out_dir / f"{name}{suffix}.png"), mask.astype(np.uint8) * 255)
+            image = cv2.cvtColor(cv2.imread(batch["image_path"][i], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) \
+                if batch["image_path"][i] else _unpadded_image(batch, i)
+            cv2.imwrite(str(out_dir / f"{name}_overlay.png"), cv2.cvtColor(overlay(image, masks), cv2.COLOR_RGB2BGR))
+            written += 1
+    return written
+
+
+def _unpadded_image(batch: dict, index: int) -> np.ndarray:
+    """The model-input image resized back to the original size (for generated data without files)."""
+    height, width = (int(v) for v in batch["valid_hw"][index])
+    image = batch["image"][index, :, :height, :width].permute(1, 2, 0).numpy().astype(np.uint8)
+    original = batch["original_hw"][index]
+    return cv2.resize(image, (int(original[1]), int(original[0])), interpolation=cv2.INTER_LINEAR)

@@ -1,0 +1,291 @@
+"""The training loop: step, validate, log metrics and memory, write checkpoints and figures."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cfg import Config
+from common.errors import UserError
+from models.modes import Adaptation
+from models.segmenter import PromptableSegmenter, Prompts
+
+from . import checkpoints
+from .logbook import TensorBoardLog, plot_curves, write_metrics_csv
+from .loss import PerClassDiceCE
+from .metrics import MetricAccumulator, valid_region
+from .runtime import PeakMemory, Runtime, synchronize
+from .sampler import EpochShuffleSampler, ShardSampler
+
+
+def prompts_from_batch(batch: dict, device: torch.device) -> Prompts:
+    """The prompts a dataset batch carries (click points, boxes, or none)."""
+    return Prompts(points=batch.get("points"), point_labels=batch.get("point_labels"),
+                   boxes=batch.get("boxes")).to(device)
+
+
+def autocast_context(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("-amp fp16 needs CUDA; use -amp bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def predict_logits(model: nn.Module, batch: dict, device: torch.device, amp: str, size: int) -> Tensor:
+    """Float32 logits at size x size for a batch (images 0..255, S x S)."""
+    images = batch["image"].to(device, non_blocking=True)
+    with autocast_context(amp, device):
+        logits, _ = model(images, prompts_from_batch(batch, device))
+    return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def resize_target(mask: Tensor, size: int) -> Tensor:
+    if mask.shape[-1] == size:
+        return mask
+    return F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def learning_rate_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at `step` of `total` (stepped every iteration)."""
+    progress = min(step / max(total, 1), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return 0.1 ** int(progress >= 2 / 3)
+    return 1.0
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
+    """Frozen BatchNorm layers (TinyViT's in the PEFT modes) keep their running statistics."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+@torch.no_grad()
+def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runtime: Runtime,
+             class_names: list[str], desc: str = "eval") -> dict[str, float]:
+    """Dice/IoU per class (and vCDR error for disc+cup) over `dataset`, summed over all processes."""
+    was_training = model.training
+    model.eval()
+    size = config.out_size or config.image_size
+    loader = DataLoader(dataset, batch_size=config.b, sampler=ShardSampler(len(dataset), runtime.rank,
+                                                                           runtime.world_size),
+                        num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
+    metrics = MetricAccumulator(class_names)
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main):
+        logits = predict_logits(model, batch, runtime.device, config.amp, size)
+        target = resize_target(batch["mask"].to(runtime.device), size)
+        metrics.update(logits, target, valid_region(batch["valid_hw"].to(runtime.device), size,
+                                                    config.image_size))
+    if runtime.distributed:
+        flat = metrics.state_tensor().to(runtime.device)
+        dist.all_reduce(flat)
+        metrics.load_state_tensor(flat.cpu())
+    model.train(was_training)
+    return metrics.summary()
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during a run and must survive a kill (kept in last.pt)."""
+
+    epoch: int = 1
+    step_in_epoch: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    images_seen: int = 0
+    seconds: float = 0.0
+    best_dice: float = -1.0
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """Trains one adapted segmenter; only the main process writes files."""
+
+    def __init__(self, config: Config, runtime: Runtime, model: PromptableSegmenter, adaptation: Adaptation,
+                 train_set: Dataset, val_set: Dataset, class_names: list[str], run_dir: Path, figs_dir: Path,
+                 checkpoint_every: int = 0):
+        self.config, self.runtime, self.model, self.adaptation = config, runtime, model, adaptation
+        self.train_set, self.val_set, self.class_names = train_set, val_set, class_names
+        self.run_dir, self.figs_dir, self.checkpoint_every = Path(run_dir), Path(figs_dir), checkpoint_every
+        self.sampler = EpochShuffleSampler(len(train_set), config.b * runtime.world_size, config.seed,
+                                           runtime.rank, runtime.world_size)
+        self.total_steps = self.sampler.steps_per_epoch() * config.epochs
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate_factor(config.sched, step, self.total_steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
+        self.loss_fn = PerClassDiceCE()
+        self.memory = PeakMemory(runtime.device)
+        self.state = TrainState()
+        self.network = (DistributedDataParallel(model, find_unused_parameters=True) if runtime.distributed
+                        else model)
+        self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
+
+    # ----------------------------------------------------------------------------- resume
+    def resume(self) -> None:
+        saved = checkpoints.load_state(self.run_dir / checkpoints.LAST_STATE)
+        own = self.model.state_dict()
+        self.model.load_state_dict({k: v.to(own[k].device) for k, v in saved["model"].items()}, strict=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.adaptation.load_state_dict(saved["adaptation"])
+        self.state = TrainState(**saved["train_state"])
+        set_rng_state(saved["rng"])
+
+    def _save_last(self) -> None:
+        if not self.runtime.is_main:
+            return
+        full = self.config.mod == "sam_full"
+        state = {"model": checkpoints.changed_tensors(self.model, full), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "adaptation": self.adaptation.state_dict(), "train_state": vars(self.state).copy(),
+                 "rng": rng_state()}
+        checkpoints.save_state(self.run_dir / checkpoints.LAST_STATE, state)
+
+    def _save_weights(self, name: str) -> None:
+        if self.runtime.is_main:
+            metadata = {"net": self.config.net, "encoder": self.config.encoder, "mod": self.config.mod}
+            checkpoints.save_weights(self.run_dir / name, self.model, self.config.mod == "sam_full", metadata)
+
+    # ----------------------------------------------------------------------------- training
+    def train_step(self, batch: dict) -> float:
+        size = self.config.out_size or self.config.image_size
+        logits = predict_logits(self.network, batch, self.runtime.device, self.config.amp, size)
+        target = resize_target(batch["mask"].to(self.runtime.device), size)
+        loss = self.loss_fn(logits, target)
+        extra = self.adaptation.extra_loss()
+        total = loss if extra is None else loss + extra
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state.global_step += 1
+        self.adaptation.after_backward(self.state.global_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def _train_epoch(self) -> None:
+        state, config = self.state, self.config
+        self.model.train()
+        keep_frozen_batchnorm_in_eval(self.model)
+        self.sampler.set_epoch(state.epoch, skip_steps=state.step_in_epoch)
+        loader = DataLoader(self.train_set, batch_size=config.b, sampler=self.sampler, num_workers=config.workers,
+                            pin_memory=self.runtime.device.type == "cuda", drop_last=True)
+        progress = tqdm(loader, desc=f"epoch {state.epoch}/{config.epochs}", leave=False,
+                        disable=not self.runtime.is_main)
+        synchronize(self.runtime.device)
+        started = time.perf_counter()
+        for batch in progress:
+            loss = self.train_step(batch)
+            state.loss_sum += loss * batch["image"].shape[0]
+            state.images_seen += batch["image"].shape[0]
+            state.step_in_epoch += 1
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if self.checkpoint_every and state.step_in_epoch % self.checkpoint_every == 0:
+                synchronize(self.runtime.device)
+                state.seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                self._save_last()
+        synchronize(self.runtime.device)
+        state.seconds += time.perf_counter() - started
+
+    def _epoch_row(self) -> dict:
+        state, world = self.state, self.runtime.world_size
+        loss_sum = torch.tensor([state.loss_sum, float(state.images_seen)], dtype=torch.float64)
+        if self.runtime.distributed:
+            dist.all_reduce(loss_sum)
+        steps = self.sampler.steps_per_epoch()
+        row = {"epoch": state.epoch, "train_loss": float(loss_sum[0] / loss_sum[1]),
+               "lr": self.optimizer.param_groups[0]["lr"], "peak_mem_mb": round(self.memory.peak_mb(), 1),
+               "images_per_s": round(float(loss_sum[1]) / max(state.seconds, 1e-9), 3),
+               "sec_per_step": round(state.seconds / steps, 4),
+               "trainable_params": sum(p.numel() for p in self.params), "world_size": world}
+        rank = self.adaptation.total_rank()
+        if rank is not None:
+            row["total_rank"] = rank
+        return row
+
+    def fit(self) -> list[dict]:
+        config, state = self.config, self.state
+        while state.epoch <= config.epochs:
+            self.memory.reset()
+            self._train_epoch()
+            row = self._epoch_row()
+            if state.epoch % config.val_freq == 0 or state.epoch == config.epochs:
+                summary = evaluate(self.model, self.val_set, config, self.runtime, self.class_names, "val")
+                row.update({f"val_{k}": v for k, v in summary.items() if k != "images"})
+                if summary["dice_mean"] > state.best_dice:
+                    state.best_dice = summary["dice_mean"]
+                    self._save_weights("best.safetensors")
+            self._save_weights("last.safetensors")
+            state.history.append(row)
+            self._report(row)
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            state.loss_sum, state.images_seen, state.seconds = 0.0, 0, 0.0
+            self._save_last()
+        self.tensorboard.close()
+        return state.history
+
+    # ----------------------------------------------------------------------------- outputs
+    def _report(self, row: dict) -> None:
+        if not self.runtime.is_main:
+            return
+        shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
+        print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        write_metrics_csv(self.run_dir / "metrics.csv", self.state.history)
+        plot_curves(self.state.history, self.figs_dir / "curves.png", self.run_dir.name)
+        self.tensorboard.scalars(row, row["epoch"])
+        if self.config.vis and row["epoch"] % self.config.vis == 0:
+            path = self.figs_dir / f"overlay_epoch{row['epoch']:03d}.png"
+            save_prediction_overlays(self.model, self.val_set, self.config, self.runtime.device, path,
+                                     f"{self.run_dir.name} epoch {row['epoch']}")
+            self.tensorboard.image("val_overlays", path, row["epoch"])
+
+
+@torch.no_grad()
+def save_prediction_overlays(model: PromptableSegmenter, dataset: Dataset, config: Config, device: torch.device,
+                             path: Path, title: str, count: int = 4) -> None:
+    """Image, ground truth, prediction and prompt for the first samples of `dataset`."""
+    from .overlays import save_overlay_grid
+
+    was_training = model.training
+    model.eval()
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    batch = torch.utils.data.default_collate(samples)
+    logits = predict_logits(model, batch, device, config.amp, config.image_size)
+    save_overlay_grid(samples, path, predictions=list((logits > 0).cpu()), title=title)
+    model.train(was_training)

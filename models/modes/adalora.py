@@ -1,0 +1,84 @@
+"""sam_adalora: peft AdaLoRA with ONE rank allocator for the whole run.
+
+peft adds AdaLoRA's orthogonal regulariser only for models whose output has a `.loss`; this mode
+returns it through `extra_loss`. The budget schedule (initial rank, target rank, warm-up and
+final fractions of all steps) comes from the -adalora_* flags and the run's total step count.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft import AdaLoraConfig
+from peft.tuners.adalora import AdaLoraModel
+from torch import Tensor, nn
+
+from .adaptation import Adaptation, freeze_all_but_decoder
+
+ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+class AdaLoraAdaptation(Adaptation):
+    """Hooks AdaLoRA into the loop: orthogonality loss, rank allocation, resumable allocator state."""
+
+    def __init__(self, tuner: AdaLoraModel, orth_weight: float):
+        super().__init__("sam_adalora", tuner)
+        self.orth_weight = orth_weight
+
+    @property
+    def _config(self) -> AdaLoraConfig:
+        return self.tuner.peft_config["default"]
+
+    def extra_loss(self) -> Optional[Tensor]:
+        return self.orth_weight * orthogonal_regulariser(self.tuner.model)
+
+    def after_backward(self, step: int) -> None:
+        self.tuner.update_and_allocate(step)
+
+    def total_rank(self) -> int:
+        return sum(int((param != 0).sum()) for name, param in self.tuner.model.named_parameters()
+                   if "lora_E" in name)
+
+    def state_dict(self) -> dict:
+        allocator = self.tuner.rankallocator
+        state = {key: dict(getattr(allocator, key)) for key in ALLOCATOR_STATE}
+        state["rank_pattern"] = self._config.rank_pattern
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        allocator = self.tuner.rankallocator
+        for key in ALLOCATOR_STATE:
+            setattr(allocator, key, dict(state[key]))
+        self._config.rank_pattern = state["rank_pattern"]
+
+
+def orthogonal_regulariser(encoder: nn.Module) -> Tensor:
+    """Mean over AdaLoRA's P (lora_A) and Q (lora_B) of ||P P^T - I||_F and ||Q^T Q - I||_F."""
+    terms = []
+    for name, param in encoder.named_parameters():
+        if not param.requires_grad or ("lora_A" not in name and "lora_B" not in name):
+            continue
+        gram = param @ param.T if "lora_A" in name else param.T @ param
+        identity = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+        terms.append(torch.linalg.matrix_norm(gram - identity, ord="fro"))
+    return torch.stack(terms).mean()
+
+
+def adalora_schedule(config, total_steps: int) -> dict:
+    """Step counts of AdaLoRA's budget schedule from the fractional flags."""
+    tinit = int(config.adalora_tinit * total_steps)
+    tfinal = int(config.adalora_tfinal * total_steps)
+    if total_steps - tfinal <= tinit:
+        raise ValueError(f"{total_steps} steps leave no pruning phase; train longer or lower -adalora_tinit/tfinal")
+    return dict(total_step=total_steps, tinit=tinit, tfinal=tfinal, deltaT=config.adalora_delta_t)
+
+
+def apply_adalora(segmenter: nn.Module, config, total_steps: int) -> Adaptation:
+    freeze_all_but_decoder(segmenter)
+    adalora_config = AdaLoraConfig(init_r=config.adalora_init_r, target_r=config.adalora_target_r,
+                                   lora_alpha=config.lora_alpha or config.adalora_init_r,
+                                   lora_dropout=config.lora_dropout,
+                                   target_modules=segmenter.adapt_targets.linears,
+                                   **adalora_schedule(config, total_steps))
+    tuner = AdaLoraModel(segmenter.image_encoder, adalora_config, "default")
+    return AdaLoraAdaptation(tuner, config.adalora_orth_reg)

@@ -1,0 +1,63 @@
+"""What every mode returns, and the trainable-parameter bookkeeping shared by the modes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+from torch import Tensor, nn
+
+
+@dataclass
+class Adaptation:
+    """The result of adapting a segmenter: hooks into the training loop for one mode."""
+
+    mode: str
+    tuner: Optional[nn.Module] = None  # the peft tuner (LoRA/DoRA/AdaLoRA) for merging and rank allocation
+
+    def extra_loss(self) -> Optional[Tensor]:
+        """A regulariser added to the task loss (AdaLoRA's orthogonality term), or None."""
+        return None
+
+    def after_backward(self, step: int) -> None:
+        """Called after backward and the optimizer step, before zero_grad (AdaLoRA's rank allocation)."""
+
+    def total_rank(self) -> Optional[int]:
+        """Current total rank of the adapted linears (AdaLoRA), or None when ranks are fixed."""
+        return None
+
+    def state_dict(self) -> dict:
+        """Mode state needed to resume (AdaLoRA allocator)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def freeze_all_but_decoder(segmenter: nn.Module) -> None:
+    """The PEFT setting: everything frozen except the mask decoder (modes then unfreeze their adapters)."""
+    segmenter.requires_grad_(False)
+    segmenter.mask_decoder.requires_grad_(True)
+
+
+def parameter_table(segmenter: nn.Module) -> list[tuple[str, int, int]]:
+    """(part, trainable, total) rows: encoder adapters, encoder base, decoder, other, all."""
+    rows = {"encoder adapters": [0, 0], "encoder base": [0, 0], "mask decoder": [0, 0], "other": [0, 0]}
+    for name, param in segmenter.named_parameters():
+        if name.startswith("image_encoder."):
+            part = "encoder adapters" if _is_adapter_param(name) else "encoder base"
+        elif name.startswith("mask_decoder."):
+            part = "mask decoder"
+        else:
+            part = "other"
+        rows[part][0] += param.numel() if param.requires_grad else 0
+        rows[part][1] += param.numel()
+    table = [(part, trainable, total) for part, (trainable, total) in rows.items()]
+    table.append(("all", sum(r[1] for r in table), sum(r[2] for r in table)))
+    return table
+
+
+def _is_adapter_param(name: str) -> bool:
+    markers = (".lora_", ".adapter.", "lora_magnitude_vector", ".ranknum")
+    return any(marker in name for marker in markers)
+

@@ -1,0 +1,230 @@
+"""TinyViT image encoder with MobileSAM's `vit_t` layout (state_dict keys match the official checkpoint).
+
+Layout: a convolutional patch embedding (stride 4), one stage of MBConv blocks, then three stages of
+windowed-attention blocks, joined by PatchMerging convolutions (strides 2, 2, 1: output stride 16),
+and SAM's neck. Between the attention stages, feature maps travel channel-last (B x H x W x C), so
+no spatial size is hard-coded: any input size that is a multiple of 16 gives B x 256 x S/16 x S/16.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from torch import Tensor, nn
+
+
+class Conv2dBN(nn.Sequential):
+    """Conv2d without bias (`c`) followed by BatchNorm2d (`bn`)."""
+
+    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+                 bn_weight_init: float = 1.0):
+        super().__init__()
+        self.c = nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+
+class PatchEmbed(nn.Module):
+    """Two stride-2 3x3 Conv2dBN with GELU between: B x 3 x S x S -> B x dim x S/4 x S/4."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.seq = nn.Sequential(Conv2dBN(in_chans, dim // 2, 3, 2), nn.GELU(), Conv2dBN(dim // 2, dim, 3, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.seq(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual add, GELU (B x C x H x W)."""
+
+    def __init__(self, dim: int, expand_ratio: float):
+        super().__init__()
+        hidden = int(dim * expand_ratio)
+        self.conv1 = Conv2dBN(dim, hidden)
+        self.act1 = nn.GELU()
+        self.conv2 = Conv2dBN(hidden, hidden, 3, groups=hidden)
+        self.act2 = nn.GELU()
+        self.conv3 = Conv2dBN(hidden, dim, bn_weight_init=0.0)
+        self.act3 = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv3(self.act2(self.conv2(self.act1(self.conv1(x)))))
+        return self.act3(x + y)
+
+
+class PatchMerging(nn.Module):
+    """1x1 conv, depthwise 3x3 conv with `stride`, 1x1 conv: B x C x H x W -> B x H' x W' x out_dim."""
+
+    def __init__(self, dim: int, out_dim: int, stride: int):
+        super().__init__()
+        self.conv1 = Conv2dBN(dim, out_dim)
+        self.conv2 = Conv2dBN(out_dim, out_dim, 3, stride, groups=out_dim)
+        self.conv3 = Conv2dBN(out_dim, out_dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
+        return x.permute(0, 2, 3, 1)
+
+
+class WindowAttention(nn.Module):
+    """Pre-normed multi-head attention inside ws x ws windows, with a learned relative-position bias.
+
+    `qkv` is laid out per head as [q | k | v] (B x N x heads x 3*head_dim). The bias for tokens p, q is
+    `attention_biases[:, |dy|*ws + |dx|]`; it is gathered at every forward, so it never goes stale.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
+        ys, xs = torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")
+        ys, xs = ys.reshape(-1), xs.reshape(-1)
+        index = (ys[:, None] - ys[None, :]).abs() * window_size + (xs[:, None] - xs[None, :]).abs()
+        self.register_buffer("attention_bias_idxs", index, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(windows x ws*ws x C) -> same shape."""
+        windows, tokens, dim = x.shape
+        qkv = self.qkv(self.norm(x)).view(windows, tokens, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=-1)
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(x.transpose(1, 2).reshape(windows, tokens, dim))
+
+
+class Mlp(nn.Module):
+    """LayerNorm -> fc1 -> GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class TinyViTBlock(nn.Module):
+    """x + window_attn(x) (zero-padded windows), depthwise local_conv, x + mlp(x); B x H x W x C."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, local_conv_size: int):
+        super().__init__()
+        self.window_size = window_size
+        self.attn = WindowAttention(dim, num_heads, window_size)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.local_conv = Conv2dBN(dim, dim, local_conv_size, groups=dim)
+
+    def window_attention(self, x: Tensor) -> Tensor:
+        batch, height, width, dim = x.shape
+        ws = self.window_size
+        pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        rows, cols = (height + pad_b) // ws, (width + pad_r) // ws
+        x = x.view(batch, rows, ws, cols, ws, dim).transpose(2, 3).reshape(-1, ws * ws, dim)
+        x = self.attn(x)
+        x = x.view(batch, rows, cols, ws, ws, dim).transpose(2, 3).reshape(batch, rows * ws, cols * ws, dim)
+        return x[:, :height, :width]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.window_attention(x)
+        x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.mlp(x)
+
+
+class ConvLayer(nn.Module):
+    """Stage 0: MBConv blocks on B x C x H x W, then PatchMerging (returns B x H' x W' x C')."""
+
+    def __init__(self, dim: int, out_dim: int, depth: int, expand_ratio: float, merge_stride: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
+        self.downsample = PatchMerging(dim, out_dim, merge_stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x)
+
+
+class BasicLayer(nn.Module):
+    """Attention stage: TinyViT blocks on B x H x W x C, then an optional PatchMerging."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 local_conv_size: int, out_dim: int | None = None, merge_stride: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(TinyViTBlock(dim, num_heads, window_size, mlp_ratio, local_conv_size)
+                                    for _ in range(depth))
+        self.downsample = None if out_dim is None else PatchMerging(dim, out_dim, merge_stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x.permute(0, 3, 1, 2))
+
+
+class TinyViT(nn.Module):
+    """MobileSAM's TinyViT-5M encoder: B x 3 x S x S (normalised) -> B x out_chans x S/16 x S/16.
+
+    `norm_head` / `head` (the ImageNet classifier) are never used; they exist so that the official
+    checkpoint loads strictly. `merge_strides` are the PatchMerging strides (official: 2, 2, 1).
+    """
+
+    def __init__(self, image_size: int = 1024, in_chans: int = 3, embed_dims: Sequence[int] = (64, 128, 160, 320),
+                 depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (2, 4, 5, 10),
+                 window_sizes: Sequence[int] = (7, 7, 14, 7), mlp_ratio: float = 4.0,
+                 mbconv_expand_ratio: float = 4.0, local_conv_size: int = 3, merge_strides: Sequence[int] = (2, 2, 1),
+                 num_classes: int = 1000, out_chans: int = 256):
+        super().__init__()
+        stages = len(embed_dims)
+        if not (len(depths) == len(num_heads) == len(window_sizes) == stages == len(merge_strides) + 1):
+            raise ValueError("embed_dims, depths, num_heads, window_sizes need one entry per stage and "
+                             "merge_strides one fewer")
+        stride = 4
+        for s in merge_strides:
+            stride *= s
+        if image_size % stride:
+            raise ValueError(f"image_size {image_size} is not a multiple of the encoder stride {stride}")
+        self.image_size = image_size
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+        layers: list[nn.Module] = [ConvLayer(embed_dims[0], embed_dims[1], depths[0], mbconv_expand_ratio,
+                                             merge_strides[0])]
+        for i in range(1, stages):
+            last = i == stages - 1
+            layers.append(BasicLayer(embed_dims[i], depths[i], num_heads[i], window_sizes[i], mlp_ratio,
+                                     local_conv_size, out_dim=None if last else embed_dims[i + 1],
+                                     merge_stride=1 if last else merge_strides[i]))
+        self.layers = nn.ModuleList(layers)
+        self.norm_head = nn.LayerNorm(embed_dims[-1])
+        self.head = nn.Linear(embed_dims[-1], num_classes)
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dims[-1], out_chans, 1, bias=False), LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
+        self.apply(_init_weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """TinyViT's init for Linear and LayerNorm (convs and BatchNorm keep theirs)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

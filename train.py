@@ -1,0 +1,57 @@
+"""Fine-tune a SAM-family net with a parameter-efficient mode.
+
+    python train.py -net mobile_sam -mod sam_lora -dataset isic -data_path DATA
+    torchrun --nproc_per_node 2 train.py ...      (data parallel)
+    python train.py -resume checkpoint/<exp_name>  (continue a killed run)
+"""
+from common.cli import run_cli
+
+
+def main(argv=None) -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from cfg import Config, parse_args
+    from common.errors import UserError
+    from engine import checkpoints
+    from engine.runtime import start_runtime, stop_runtime
+    from engine.sampler import steps_per_epoch
+    from engine.session import build_model, format_parameter_table, load_data, run_folders, write_run_config
+    from engine.trainer import Trainer, evaluate
+
+    config, given = parse_args("train", argv)
+    splits = None
+    if config.resume:
+        saved = checkpoints.read_run_config(config.resume)
+        overrides = {name: getattr(config, name) for name in given if name != "resume"}
+        config = dataclasses.replace(Config.from_json(saved), resume=config.resume, **overrides)
+        splits = checkpoints.load_splits(config.resume)
+    runtime = start_runtime(config.device)
+    run_dir, figs_dir = (Path(config.resume), Path(config.figs_root) / Path(config.resume).name) if config.resume \
+        else run_folders(config)
+    if not config.resume and (run_dir / checkpoints.LAST_STATE).exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with -resume {run_dir} "
+                        f"or choose another -exp_name")
+    data = load_data(config, splits, verbose=runtime.is_main)
+    total_steps = steps_per_epoch(len(data.train), config.b * runtime.world_size) * config.epochs
+    model, adaptation = build_model(config, data.num_classes, total_steps, runtime.device, verbose=runtime.is_main)
+    if runtime.is_main:
+        print(format_parameter_table(model, config.mod))
+        write_run_config(run_dir, config, data, total_steps)
+    trainer = Trainer(config, runtime, model, adaptation, data.train, data.val, data.class_names, run_dir, figs_dir,
+                      checkpoint_every=config.ckpt_steps)
+    if config.resume:
+        trainer.resume()
+        print(f"resumed {run_dir} at epoch {trainer.state.epoch}, step {trainer.state.step_in_epoch}")
+    trainer.fit()
+    if data.test is not None:
+        summary = evaluate(model, data.test, config, runtime, data.class_names, "test")
+        if runtime.is_main:
+            print("test (last weights): " + " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+    if runtime.is_main:
+        print(f"run folder: {run_dir}   figures: {figs_dir}")
+    stop_runtime(runtime)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,79 @@
+"""Evaluate a run folder, write predicted masks, or predict on new images.
+
+    python val.py -weights checkpoint/<exp_name>                         (test split, else val)
+    python val.py -weights checkpoint/<exp_name> -json m.json -save_pred preds/
+    python val.py -weights checkpoint/<exp_name> -images DIR -prompt none -save_pred preds/
+    python val.py -weights checkpoint/<exp_name> -merge -export merged.pth
+"""
+from common.cli import run_cli
+
+# flags of the run that val.py may change; everything else comes from the run's config.json
+VAL_OVERRIDES = ("dataset", "data_path", "sam_ckpt", "prompt", "n_points", "n_neg_points", "rater_policy",
+                 "device", "workers", "b", "amp", "max_eval", "out_size", "ckpt_root", "figs_root")
+VAL_ONLY = ("weights", "which", "split", "json", "save_pred", "images", "boxes", "merge", "export")
+
+
+def main(argv=None) -> None:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from cfg import Config, parse_args
+    from common.errors import UserError
+    from datasets import build_image_folder
+    from engine import checkpoints
+    from engine.predict import save_predictions
+    from engine.runtime import start_runtime
+    from engine.session import build_model, load_data
+    from engine.trainer import evaluate
+    from models.merge import merge_adapters, official_state
+
+    args, given = parse_args("val", argv)
+    saved = checkpoints.read_run_config(args.weights)
+    run = saved.get("run", {})
+    changes = {name: getattr(args, name) for name in VAL_ONLY + tuple(n for n in VAL_OVERRIDES if n in given)}
+    config = dataclasses.replace(Config.from_json(saved), **changes)
+    runtime = start_runtime(config.device)
+    model, adaptation = build_model(config, run["num_classes"], run["total_steps"], runtime.device)
+    weights = Path(args.weights) / f"{config.which}.safetensors"
+    checkpoints.load_weights(weights, model, config.mod == "sam_full")
+    print(f"loaded {weights}")
+    if config.merge:
+        merge_adapters(adaptation)
+        print("adapters merged into the base weights")
+    if config.export:
+        if not config.merge and config.mod != "sam_full":
+            raise UserError("-export writes an official-format checkpoint: add -merge (or export a sam_full run)")
+        checkpoints.atomic_write(Path(config.export),
+                                 lambda tmp: torch.save(official_state(model, config.net, config.encoder), tmp))
+        print(f"wrote {config.export} (official {config.net} key format, loadable with -sam_ckpt)")
+
+    class_names = run["class_names"]
+    if config.images:
+        dataset = build_image_folder(config, run["num_classes"])
+        if not config.save_pred:
+            raise UserError("-images predicts without masks: add -save_pred DIR to write the predictions")
+    else:
+        same_data = (config.dataset, config.data_path) == (saved["dataset"], saved["data_path"])
+        data = load_data(config, checkpoints.load_splits(args.weights) if same_data else None)
+        dataset = data.test if config.split == "test" and data.test is not None else data.val
+        split = "test" if dataset is data.test else "val"
+        if config.max_eval:
+            dataset = torch.utils.data.Subset(dataset, range(min(config.max_eval, len(dataset))))
+        summary = evaluate(model, dataset, config, runtime, class_names, split)
+        print(f"{split} split, {int(summary['images'])} images, {config.which} weights of {args.weights}:")
+        for key, value in summary.items():
+            if key != "images":
+                print(f"  {key:<16}{value:.4f}")
+        if config.json:
+            checkpoints.write_json(Path(config.json), {"split": split, "weights": str(weights), **summary})
+            print(f"metrics written to {config.json}")
+    if config.save_pred:
+        count = save_predictions(model, dataset, config, runtime.device, Path(config.save_pred), class_names)
+        print(f"{count} predictions written to {config.save_pred}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
