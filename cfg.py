@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 from common.errors import UserError
 
-TRAIN, VAL, COMPARE = "train", "val", "compare"
-ALL = (TRAIN, VAL, COMPARE)
+TRAIN, VAL, COMPARE, BENCH = "train", "val", "compare", "benchmark"
+ALL = (TRAIN, VAL, COMPARE, BENCH)
 RUN = (TRAIN, COMPARE)
 
 MODES = ("sam_adpt", "sam_lora", "sam_adalora", "sam_dora", "sam_full", "sam_decoder")
@@ -93,10 +93,19 @@ class Config:
     merge: bool = flag(False, "fold LoRA/DoRA/AdaLoRA weights into the base linears before evaluating", (VAL,))
     export: Optional[str] = flag(None, "with -merge: write the merged net in its official checkpoint format", (VAL,))
     # compare.py
-    mods: str = flag(",".join(m for m in MODES if m != "sam_dora"), "comma-separated modes", (COMPARE,))
+    mods: str = flag(",".join(m for m in MODES if m != "sam_dora"), "comma-separated modes", (COMPARE, BENCH))
     seeds: str = flag("0", "comma-separated seeds", (COMPARE,))
     runs: Optional[str] = flag(None, "comma-separated existing run folders to tabulate instead of training",
                                (COMPARE,))
+
+    # benchmark.py
+    nets: str = flag("mobile_sam:tiny_vit,sam:vit_b,efficient_sam:vit_t,efficient_sam:vit_s",
+                     "comma-separated net:encoder pairs", (BENCH,))
+    amp_options: str = flag("none", "comma-separated -amp values to measure", (BENCH,))
+    grad_ckpt_options: str = flag("0", "comma-separated 0/1: without/with activation checkpointing", (BENCH,))
+    steps: int = flag(3, "timed training steps per row", (BENCH,))
+    warmup: int = flag(1, "untimed training steps per row", (BENCH,))
+    out: str = flag("figs/benchmark", "output prefix: writes <out>.csv and <out>.md", (BENCH,))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,6 +149,14 @@ def validate(config: Config, given: set[str], script: str) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"-{name} must be positive, got {getattr(config, name)}")
+    for name in ("n_neg_points", "workers", "vis", "ckpt_steps", "weight_decay", "adalora_tinit", "adalora_tfinal",
+                 "lora_dropout", "adalora_orth_reg"):
+        if getattr(config, name) < 0:
+            raise UserError(f"-{name} must not be negative, got {getattr(config, name)}")
+    if config.lora_dropout >= 1:
+        raise UserError(f"-lora_dropout must be below 1, got {config.lora_dropout}")
+    if script == BENCH and (config.steps <= 0 or config.warmup < 0):
+        raise UserError("-steps must be positive and -warmup not negative")
     for name in ("mid_dim", "out_size", "max_train", "max_eval"):
         value = getattr(config, name)
         if value is not None and value <= 0:
@@ -161,8 +178,9 @@ def validate(config: Config, given: set[str], script: str) -> None:
                 raise UserError(f"-{name} only applies to LoRA modes ({', '.join(LORA_MODES)}), not -mod {config.mod}")
     if config.mod in ("sam_full", "sam_decoder") and "mid_dim" in given:
         raise UserError(f"-mid_dim has no meaning for -mod {config.mod}; drop it")
-    if config.mod != "sam_adalora" and any(name.startswith("adalora_") for name in given):
-        raise UserError("-adalora_* flags need -mod sam_adalora")
+    adalora_given = sorted(name for name in given if name.startswith("adalora_"))
+    if config.mod != "sam_adalora" and adalora_given:
+        raise UserError(f"-{' -'.join(adalora_given)} needs -mod sam_adalora, not -mod {config.mod}")
     if config.mod == "sam_adalora":
         if config.adalora_target_r > config.adalora_init_r:
             raise UserError("-adalora_target_r must not exceed -adalora_init_r")

@@ -9,9 +9,13 @@ from common.cli import run_cli
 
 def main(argv=None) -> None:
     import dataclasses
+    import time
     from pathlib import Path
 
     from cfg import Config, parse_args
+
+    config, given = parse_args("train", argv)  # before the heavy imports: -h and flag errors come at once
+
     from common.errors import UserError
     from engine import checkpoints
     from engine.runtime import start_runtime, stop_runtime
@@ -19,7 +23,6 @@ def main(argv=None) -> None:
     from engine.session import build_model, format_parameter_table, load_data, run_folders, write_run_config
     from engine.trainer import Trainer, evaluate
 
-    config, given = parse_args("train", argv)
     splits = None
     if config.resume:
         saved = checkpoints.read_run_config(config.resume)
@@ -43,12 +46,17 @@ def main(argv=None) -> None:
     if config.resume:
         trainer.resume()
         print(f"resumed {run_dir} at epoch {trainer.state.epoch}, step {trainer.state.step_in_epoch}")
+    started = time.time()
     trainer.fit()
-    if data.test is not None:
-        summary = evaluate(model, data.test, config, runtime, data.class_names, "test")
-        if runtime.is_main:
-            print("test (last weights): " + " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+    best = run_dir / "best.safetensors"
+    checkpoints.load_weights(best, model, config.mod == "sam_full")
+    split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
+    summary = evaluate(model, dataset, config, runtime, data.class_names, split)
     if runtime.is_main:
+        print(f"{split} (best weights): " + " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+        checkpoints.write_json(run_dir / "final_metrics.json", {
+            "split": split, "weights": "best", "metrics": summary, "wall_seconds": time.time() - started,
+            "total_params": sum(p.numel() for p in model.parameters())})
         print(f"run folder: {run_dir}   figures: {figs_dir}")
     stop_runtime(runtime)
 

@@ -18,9 +18,12 @@ def main(argv=None) -> None:
     import json
     from pathlib import Path
 
+    from cfg import Config, parse_args
+
+    args, given = parse_args("val", argv)  # before the heavy imports
+
     import torch
 
-    from cfg import Config, parse_args
     from common.errors import UserError
     from datasets import build_image_folder
     from engine import checkpoints
@@ -30,7 +33,6 @@ def main(argv=None) -> None:
     from engine.trainer import evaluate
     from models.merge import merge_adapters, official_state
 
-    args, given = parse_args("val", argv)
     saved = checkpoints.read_run_config(args.weights)
     run = saved.get("run", {})
     changes = {name: getattr(args, name) for name in VAL_ONLY + tuple(n for n in VAL_OVERRIDES if n in given)}

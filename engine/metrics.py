@@ -57,6 +57,16 @@ class MetricAccumulator:
     class_names: list[str]
     sums: dict[str, Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Start from zeros, so a process that sees no image (fewer evaluation images than processes)
+        # still has a state tensor of the same length to sum over processes.
+        classes = len(self.class_names)
+        zeros = {"dice": torch.zeros(classes), "iou": torch.zeros(classes), "count": torch.tensor(0.0)}
+        if self.class_names == ["disc", "cup"]:
+            zeros.update(cdr_error=torch.tensor(0.0), cdr_count=torch.tensor(0.0))
+        for key, value in zeros.items():
+            self.sums.setdefault(key, value.double())
+
     def update(self, logits: Tensor, target: Tensor, valid: Tensor) -> None:
         dice, iou = dice_iou_per_image(logits, target, valid)
         batch = {"dice": dice.sum(0), "iou": iou.sum(0), "count": torch.tensor(float(dice.shape[0]))}

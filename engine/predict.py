@@ -47,7 +47,7 @@ def save_predictions(model: torch.nn.Module, dataset: Dataset, config: Config, d
     model.eval()
     loader = DataLoader(dataset, batch_size=config.b, num_workers=config.workers)
     written = 0
-    for batch in tqdm(loader, desc="predict", leave=False):
+    for batch in tqdm(loader, desc="predict", leave=False, disable=None):
         logits = predict_logits(model, batch, device, config.amp, config.image_size)
         for i, name in enumerate(batch["name"]):
             masks = to_original_size(logits[i], batch["valid_hw"][i], batch["original_hw"][i])

@@ -45,11 +45,12 @@ def autocast_context(amp: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def predict_logits(model: nn.Module, batch: dict, device: torch.device, amp: str, size: int) -> Tensor:
-    """Float32 logits at size x size for a batch (images 0..255, S x S)."""
-    images = batch["image"].to(device, non_blocking=True)
+def predict_logits(model: nn.Module, batch: dict, device: torch.device, amp: str, size: int,
+                   embeddings: Optional[Tensor] = None) -> Tensor:
+    """Float32 logits at size x size for a batch (images 0..255, S x S), or from cached embeddings."""
+    images = None if embeddings is not None else batch["image"].to(device, non_blocking=True)
     with autocast_context(amp, device):
-        logits, _ = model(images, prompts_from_batch(batch, device))
+        logits, _ = model(images, prompts_from_batch(batch, device), embeddings=embeddings)
     return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
 
 
@@ -103,7 +104,7 @@ def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runti
                                                                            runtime.world_size),
                         num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
     metrics = MetricAccumulator(class_names)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None if runtime.is_main else True):  # None: off when not a terminal
         logits = predict_logits(model, batch, runtime.device, config.amp, size)
         target = resize_target(batch["mask"].to(runtime.device), size)
         metrics.update(logits, target, valid_region(batch["valid_hw"].to(runtime.device), size,
@@ -114,6 +115,22 @@ def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runti
         metrics.load_state_tensor(flat.cpu())
     model.train(was_training)
     return metrics.summary()
+
+
+class IndexedDataset(Dataset):
+    """Adds each sample's index (the key of the embedding cache)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "index": index}
 
 
 @dataclass
@@ -150,6 +167,9 @@ class Trainer:
         self.loss_fn = PerClassDiceCE()
         self.memory = PeakMemory(runtime.device)
         self.state = TrainState()
+        self.embedding_cache: dict[int, Tensor] = {}
+        if config.cache_embeddings:
+            self.train_set = IndexedDataset(train_set)
         self.network = (DistributedDataParallel(model, find_unused_parameters=True) if runtime.distributed
                         else model)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
@@ -182,9 +202,23 @@ class Trainer:
             checkpoints.save_weights(self.run_dir / name, self.model, self.config.mod == "sam_full", metadata)
 
     # ----------------------------------------------------------------------------- training
+    @torch.no_grad()
+    def cached_embeddings(self, batch: dict) -> Tensor:
+        """-cache_embeddings: the frozen encoder's output per sample, computed once (images never change)."""
+        missing = [i for i, index in enumerate(batch["index"].tolist()) if index not in self.embedding_cache]
+        if missing:
+            images = batch["image"][missing].to(self.runtime.device)
+            with autocast_context(self.config.amp, self.runtime.device):
+                computed = self.model.encode(images).float().cpu()
+            for row, i in enumerate(missing):
+                self.embedding_cache[int(batch["index"][i])] = computed[row]
+        stacked = torch.stack([self.embedding_cache[int(index)] for index in batch["index"]])
+        return stacked.to(self.runtime.device, non_blocking=True)
+
     def train_step(self, batch: dict) -> float:
         size = self.config.out_size or self.config.image_size
-        logits = predict_logits(self.network, batch, self.runtime.device, self.config.amp, size)
+        embeddings = self.cached_embeddings(batch) if self.config.cache_embeddings else None
+        logits = predict_logits(self.network, batch, self.runtime.device, self.config.amp, size, embeddings)
         target = resize_target(batch["mask"].to(self.runtime.device), size)
         loss = self.loss_fn(logits, target)
         extra = self.adaptation.extra_loss()
@@ -203,10 +237,11 @@ class Trainer:
         self.model.train()
         keep_frozen_batchnorm_in_eval(self.model)
         self.sampler.set_epoch(state.epoch, skip_steps=state.step_in_epoch)
+        self.train_set.set_epoch(state.epoch)
         loader = DataLoader(self.train_set, batch_size=config.b, sampler=self.sampler, num_workers=config.workers,
                             pin_memory=self.runtime.device.type == "cuda", drop_last=True)
         progress = tqdm(loader, desc=f"epoch {state.epoch}/{config.epochs}", leave=False,
-                        disable=not self.runtime.is_main)
+                        disable=None if self.runtime.is_main else True)
         synchronize(self.runtime.device)
         started = time.perf_counter()
         for batch in progress:

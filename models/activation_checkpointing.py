@@ -1,6 +1,7 @@
 """Activation checkpointing of the image-encoder blocks declared by each encoder's AdaptTargets."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -24,9 +25,26 @@ def enable_activation_checkpointing(segmenter: nn.Module) -> int:
     return count
 
 
+@contextlib.contextmanager
+def _keep_batchnorm_statistics(norms: list[nn.Module]):
+    """The recomputation in backward must not update BatchNorm running statistics a second time."""
+    saved = [(norm, [buffer.clone() for buffer in norm.buffers(recurse=False)]) for norm in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, buffers in saved:
+                for buffer, value in zip(norm.buffers(recurse=False), buffers):
+                    buffer.copy_(value)
+
+
 def _checkpointed(block: nn.Module, forward):
+    def contexts():
+        norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        return contextlib.nullcontext(), _keep_batchnorm_statistics(norms)
+
     def run(*args, **kwargs):
         if block.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         return forward(*args, **kwargs)
     return run

@@ -87,5 +87,7 @@ class PromptableSegmenter(nn.Module):
             logits, iou = logits[:, 0], iou[:, 0]
         return logits.view(batch, classes, *logits.shape[-2:]), iou.view(batch, classes)
 
-    def forward(self, images: Tensor, prompts: Prompts) -> tuple[Tensor, Tensor]:
-        return self.decode(self.encode(images), prompts)
+    def forward(self, images: Optional[Tensor], prompts: Prompts,
+                embeddings: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Encode and decode; pass precomputed `embeddings` (images None) to skip the encoder."""
+        return self.decode(self.encode(images) if embeddings is None else embeddings, prompts)

@@ -13,3 +13,65 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is missing")
     return path
+
+
+# --- data-set fixtures (tests/test_datasets.py) ---------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+
+@pytest.fixture
+def make_config():
+    """Config factory with small, fast defaults for data tests: make_config(dataset=..., data_path=...)."""
+    from cfg import Config
+
+    def make(**overrides):
+        values = dict(image_size=32, synthetic_size=8, aug="none", seed=0)
+        values.update(overrides)
+        if values.get("data_path") is not None:
+            values["data_path"] = str(values["data_path"])
+        return Config(**values)
+
+    return make
+
+
+class FakeFiles:
+    """Writes small generated images and masks."""
+
+    @staticmethod
+    def image(path: Path, height: int = 24, width: int = 32, seed: int = 0) -> Path:
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        return path
+
+    @staticmethod
+    def mask(path: Path, values: np.ndarray) -> Path:
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(values, dtype=np.uint8)).save(path)
+        return path
+
+    @staticmethod
+    def rect(height: int = 24, width: int = 32, box=(6, 4, 18, 20), fg: int = 255, bg: int = 0) -> np.ndarray:
+        """Mask with rows box[0]:box[2], columns box[1]:box[3] set to fg."""
+        out = np.full((height, width), bg, np.uint8)
+        out[box[0]:box[2], box[1]:box[3]] = fg
+        return out
+
+    @staticmethod
+    def refuge(height: int = 24, width: int = 32) -> np.ndarray:
+        """REFUGE grey levels: 255 background, 128 rim (rows 4:20, cols 6:26), 0 cup (rows 8:16, cols 12:20)."""
+        out = np.full((height, width), 255, np.uint8)
+        out[4:20, 6:26] = 128
+        out[8:16, 12:20] = 0
+        return out
+
+
+@pytest.fixture
+def fake() -> FakeFiles:
+    return FakeFiles()

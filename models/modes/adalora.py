@@ -36,8 +36,13 @@ class AdaLoraAdaptation(Adaptation):
         self.tuner.update_and_allocate(step)
 
     def total_rank(self) -> int:
-        return sum(int((param != 0).sum()) for name, param in self.tuner.model.named_parameters()
-                   if "lora_E" in name)
+        """Ranks kept by the allocator's latest allocation (peft's rank_pattern); before the first
+        allocation every rank counts. Counting non-zero lora_E entries instead would report 0 at the
+        start (lora_E is zero-initialised) and too much between allocations when -adalora_delta_t > 1."""
+        pattern = self._config.rank_pattern
+        if pattern:
+            return sum(sum(bool(kept) for kept in ranks) for ranks in pattern.values())
+        return sum(param.numel() for name, param in self.tuner.model.named_parameters() if "lora_E" in name)
 
     def state_dict(self) -> dict:
         allocator = self.tuner.rankallocator

@@ -1,0 +1,51 @@
+"""Measure every net x mode (x -amp, x -grad_ckpt) in one run: a markdown table plus CSV.
+
+    python benchmark.py -nets sam:vit_b,mobile_sam:tiny_vit -mods sam_lora,sam_adpt -image_size 256 -b 2
+"""
+from common.cli import run_cli
+
+
+def main(argv=None) -> None:
+    import csv
+    import dataclasses
+    from pathlib import Path
+
+    from cfg import MODES, parse_args
+
+    config, _ = parse_args("benchmark", argv)  # before the heavy imports
+
+    from common.errors import UserError
+    from engine.benchmark import COLUMNS, machine_description, markdown_table, run_benchmark
+    from engine.runtime import resolve_device
+    from models.registry import resolve_encoder
+
+    configs = []
+    for pair in config.nets.split(","):
+        net, _, encoder = pair.partition(":")
+        encoder = resolve_encoder(net, encoder or "default")
+        for mod in config.mods.split(","):
+            if mod not in MODES:
+                raise UserError(f"-mods: unknown mode {mod}; choose from {', '.join(MODES)}")
+            for amp in config.amp_options.split(","):
+                for ckpt in config.grad_ckpt_options.split(","):
+                    grad_ckpt = ckpt == "1" and mod != "sam_decoder"
+                    configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=mod, amp=amp,
+                                                       grad_ckpt=grad_ckpt))
+    rows, reference = run_benchmark(configs, config.steps, config.warmup)
+    machine = machine_description(resolve_device(config.device))
+    table = (f"Machine: {machine}; float32 matmul reference {reference:.1f} GFLOP/s; image size "
+             f"{config.image_size}, batch {config.b}, {config.steps} timed steps; random base weights.\n\n"
+             + markdown_table(rows))
+    print(table)
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""Training, evaluation, metrics, prediction and figures around the segmenters."""

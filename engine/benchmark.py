@@ -1,0 +1,164 @@
+"""Speed, memory and cost of every (net, mode, amp, activation checkpointing) combination.
+
+Each combination is measured in a fresh child process, so peak memory belongs to it alone; the
+matmul reference that the achieved GFLOP/s are compared with is measured in the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cfg import Config
+from models.merge import merge_adapters
+from models.segmenter import Prompts
+
+from .checkpoints import save_weights
+from .loss import PerClassDiceCE
+from .runtime import PeakMemory, resolve_device, synchronize
+from .session import build_model
+from .trainer import autocast_context
+
+COLUMNS = ("net", "encoder", "mod", "amp", "grad_ckpt", "image_size", "batch", "trainable_params", "total_params",
+           "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_gflops_per_s", "matmul_fraction",
+           "infer_base_ms", "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """Achieved GFLOP/s of a large float32 matmul: the machine's practical limit for this run."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def synthetic_batch(config: Config, classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Prompts]:
+    """Random images, disc-shaped masks and one click per class, at the model's input size."""
+    generator = torch.Generator().manual_seed(0)
+    size, batch = config.image_size, config.b
+    images = torch.randint(0, 256, (batch, 3, size, size), generator=generator).float()
+    grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).float()
+    centre = torch.full((2,), size / 2)
+    masks = ((grid - centre).norm(dim=-1) < size / 4).float().expand(batch, classes, size, size).contiguous()
+    points = centre.flip(0).expand(batch, classes, 1, 2).contiguous()
+    labels = torch.ones(batch, classes, 1, dtype=torch.long)
+    return images.to(device), masks.to(device), Prompts(points, labels).to(device)
+
+
+def _timed(function, repeats: int, device: torch.device) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize(device)
+    return (time.perf_counter() - started) / repeats
+
+
+def measure(config: Config, steps: int, warmup: int) -> dict:
+    """One row: train `steps` steps after `warmup`, then time inference of base, unmerged and merged models."""
+    device = resolve_device(config.device)
+    model, adaptation = build_model(config, 1, total_steps=steps + warmup + 10, device=device, verbose=False)
+    images, masks, prompts = synthetic_batch(config, 1, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    loss_fn = PerClassDiceCE()
+    step_counter = iter(range(1, 10 ** 9))
+
+    def train_step() -> None:
+        with autocast_context(config.amp, device):
+            logits, _ = model(images, prompts)
+        logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear")
+        loss = loss_fn(logits, masks)
+        extra = adaptation.extra_loss()
+        (loss if extra is None else loss + extra).backward()
+        optimizer.step()
+        adaptation.after_backward(next(step_counter))
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    memory = PeakMemory(device)
+    memory.reset()
+    for _ in range(warmup):
+        train_step()
+    sec_per_step = _timed(train_step, steps, device)
+    peak = memory.peak_mb()
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    gflop = counter.get_total_flops() / 1e9
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "weights.safetensors"
+        save_weights(path, model, config.mod == "sam_full", {})
+        ckpt_mb = path.stat().st_size / 2 ** 20
+
+    model.eval()
+    infer = lambda net: _timed(lambda: net(images, prompts), 3, device) * 1000  # noqa: E731
+    with torch.no_grad():
+        unmerged_ms = infer(model)
+        merged_ms = None
+        if adaptation.tuner is not None:
+            merge_adapters(adaptation)
+            merged_ms = infer(model)
+        base, _ = build_model(dataclasses.replace(config, mod="sam_decoder", grad_ckpt=False), 1, 1, device,
+                              verbose=False)
+        base_ms = infer(base.eval())
+    return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "amp": config.amp,
+            "grad_ckpt": config.grad_ckpt, "image_size": config.image_size, "batch": config.b,
+            "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in base.parameters()),
+            "ckpt_mb": round(ckpt_mb, 2), "sec_per_step": round(sec_per_step, 4),
+            "images_per_s": round(config.b / sec_per_step, 2), "peak_mem_mb": round(peak, 1),
+            "train_gflops_per_s": round(gflop / sec_per_step, 2), "infer_base_ms": round(base_ms, 2),
+            "infer_unmerged_ms": round(unmerged_ms, 2),
+            "infer_merged_ms": None if merged_ms is None else round(merged_ms, 2),
+            "merged_over_base": None if merged_ms is None else round(merged_ms / base_ms, 3)}
+
+
+def _measure_in_child(args: tuple[dict, int, int, int]) -> dict:
+    values, steps, warmup, threads = args
+    torch.set_num_threads(threads)
+    return measure(Config(**values), steps, warmup)
+
+
+def run_benchmark(configs: list[Config], steps: int, warmup: int) -> list[dict]:
+    """Measure every config in its own process; add each row's fraction of the matmul reference."""
+    device = resolve_device(configs[0].device)
+    reference = matmul_gflops(device)
+    threads = torch.get_num_threads()
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for config in configs:
+        with context.Pool(1) as pool:
+            row = pool.apply(_measure_in_child, ((config.to_json(), steps, warmup, threads),))
+        row["matmul_fraction"] = round(row["train_gflops_per_s"] / reference, 3)
+        print(format_row(row), flush=True)
+        rows.append(row)
+    return rows, reference
+
+
+def format_row(row: dict) -> str:
+    return " ".join(f"{k}={row.get(k)}" for k in COLUMNS)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join("" if row.get(k) is None else f"{row.get(k):,}" if isinstance(row.get(k), int)
+                                and not isinstance(row.get(k), bool) else str(row.get(k)) for k in COLUMNS) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
