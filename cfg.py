@@ -193,8 +193,9 @@ def validate(config: Config, given: set[str], script: str) -> None:
         raise UserError("-grad_ckpt has nothing to save with -mod sam_decoder (the encoder runs without gradients)")
     if config.lora_conv and config.net != "mobile_sam":
         raise UserError(f"-lora_conv needs a convolutional stem: only -net mobile_sam has one, not {config.net}")
-    if "resume" in given and script == TRAIN and set(given) - {"resume", "device", "workers"}:
-        extra = sorted(set(given) - {"resume", "device", "workers"})
+    resume_may_change = {"resume", "device", "workers", "ckpt_root", "figs_root"}
+    if "resume" in given and script == TRAIN and set(given) - resume_may_change:
+        extra = sorted(set(given) - resume_may_change)
         raise UserError(f"-resume takes the run's own config.json; drop -{' -'.join(extra)}")
     if script == VAL and config.weights is None:
         raise UserError("val.py needs -weights checkpoint/<exp_name>")

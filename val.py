@@ -62,8 +62,6 @@ def main(argv=None) -> None:
         data = load_data(config, checkpoints.load_splits(args.weights) if same_data else None)
         dataset = data.test if config.split == "test" and data.test is not None else data.val
         split = "test" if dataset is data.test else "val"
-        if config.max_eval:
-            dataset = torch.utils.data.Subset(dataset, range(min(config.max_eval, len(dataset))))
         summary = evaluate(model, dataset, config, runtime, class_names, split)
         print(f"{split} split, {int(summary['images'])} images, {config.which} weights of {args.weights}:")
         for key, value in summary.items():

@@ -72,9 +72,13 @@ class ImageFolderDataset(Dataset):
     def names(self) -> list[str]:
         return [p.stem for p in self.paths]
 
+    def load_image(self, index: int) -> np.ndarray:
+        """The original H x W x 3 uint8 RGB image."""
+        return read_image(self.paths[index])
+
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
-        image = read_image(path)
+        image = self.load_image(index)
         original_hw = image.shape[:2]
         image, _ = transforms.resize_longest(image, None, self.size)
         valid_hw = image.shape[:2]

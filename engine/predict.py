@@ -46,7 +46,7 @@ def save_predictions(model: torch.nn.Module, dataset: Dataset, config: Config, d
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     loader = DataLoader(dataset, batch_size=config.b, num_workers=config.workers)
-    written = 0
+    index = 0
     for batch in tqdm(loader, desc="predict", leave=False, disable=None):
         logits = predict_logits(model, batch, device, config.amp, config.image_size)
         for i, name in enumerate(batch["name"]):
@@ -54,16 +54,7 @@ def save_predictions(model: torch.nn.Module, dataset: Dataset, config: Config, d
             for mask, class_name in zip(masks, class_names):
                 suffix = "" if len(class_names) == 1 else f"_{class_name}"
                 cv2.imwrite(str(out_dir / f"{name}{suffix}.png"), mask.astype(np.uint8) * 255)
-            image = cv2.cvtColor(cv2.imread(batch["image_path"][i], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) \
-                if batch["image_path"][i] else _unpadded_image(batch, i)
+            image = dataset.load_image(index)  # the original image, for the overlay
             cv2.imwrite(str(out_dir / f"{name}_overlay.png"), cv2.cvtColor(overlay(image, masks), cv2.COLOR_RGB2BGR))
-            written += 1
-    return written
-
-
-def _unpadded_image(batch: dict, index: int) -> np.ndarray:
-    """The model-input image resized back to the original size (for generated data without files)."""
-    height, width = (int(v) for v in batch["valid_hw"][index])
-    image = batch["image"][index, :, :height, :width].permute(1, 2, 0).numpy().astype(np.uint8)
-    original = batch["original_hw"][index]
-    return cv2.resize(image, (int(original[1]), int(original[0])), interpolation=cv2.INTER_LINEAR)
+            index += 1
+    return index
