@@ -104,7 +104,7 @@ class Config:
     amp_options: str = flag("none", "comma-separated -amp values to measure", (BENCH,))
     grad_ckpt_options: str = flag("0", "comma-separated 0/1: without/with activation checkpointing", (BENCH,))
     steps: int = flag(3, "timed training steps per row", (BENCH,))
-    warmup: int = flag(1, "untimed training steps per row", (BENCH,))
+    warmup: int = flag(1, "untimed training steps per row (one is always run)", (BENCH,))
     out: str = flag("figs/benchmark", "output prefix: writes <out>.csv and <out>.md", (BENCH,))
 
     def to_json(self) -> dict:

@@ -6,11 +6,20 @@ from typing import Callable
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def one_line(error: Exception) -> str:
+    """The user-facing message; a UserError re-raised from a DataLoader worker carries the worker's
+    traceback in its text, whose last line is the original message."""
+    message = str(error).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 def run_cli(main: Callable[[], None]) -> None:
     from common.errors import UserError
 
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)

@@ -57,6 +57,8 @@ def synthetic_batch(config: Config, classes: int, device: torch.device) -> tuple
 
 
 def _timed(function, repeats: int, device: torch.device) -> float:
+    """Seconds per call, after one untimed call (first-call allocations and kernel selection)."""
+    function()
     synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -89,9 +91,9 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     model.train()
     memory = PeakMemory(device)
     memory.reset()
-    for _ in range(warmup):
+    for _ in range(max(warmup - 1, 0)):
         train_step()
-    sec_per_step = _timed(train_step, steps, device)
+    sec_per_step = _timed(train_step, steps, device)  # its untimed first call is the last warm-up step
     peak = memory.peak_mb()
     with FlopCounterMode(display=False) as counter:
         train_step()
