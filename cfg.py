@@ -92,6 +92,8 @@ class Config:
     boxes: Optional[str] = flag(None, "CSV of boxes (image,x0,y0,x1,y1) in original pixels for -images", (VAL,))
     merge: bool = flag(False, "fold LoRA/DoRA/AdaLoRA weights into the base linears before evaluating", (VAL,))
     export: Optional[str] = flag(None, "with -merge: write the merged net in its official checkpoint format", (VAL,))
+    onnx: Optional[str] = flag(None, "with -merge: export image encoder and mask decoder to ONNX in this folder, "
+                               "checked against onnxruntime", (VAL,))
     # compare.py
     mods: str = flag(",".join(m for m in MODES if m != "sam_dora"), "comma-separated modes", (COMPARE, BENCH))
     seeds: str = flag("0", "comma-separated seeds", (COMPARE,))
@@ -199,6 +201,8 @@ def validate(config: Config, given: set[str], script: str) -> None:
         raise UserError(f"-resume takes the run's own config.json; drop -{' -'.join(extra)}")
     if script == VAL and config.weights is None:
         raise UserError("val.py needs -weights checkpoint/<exp_name>")
+    if script == VAL and config.onnx and not config.merge:
+        raise UserError("-onnx exports the merged net: add -merge")
     if config.boxes is not None and config.images is None:
         raise UserError("-boxes goes with -images DIR")
     if config.images is not None and config.prompt == "click":

@@ -10,7 +10,7 @@ from common.cli import run_cli
 # flags of the run that val.py may change; everything else comes from the run's config.json
 VAL_OVERRIDES = ("dataset", "data_path", "sam_ckpt", "prompt", "n_points", "n_neg_points", "rater_policy",
                  "device", "workers", "b", "amp", "max_eval", "out_size", "ckpt_root", "figs_root")
-VAL_ONLY = ("weights", "which", "split", "json", "save_pred", "images", "boxes", "merge", "export")
+VAL_ONLY = ("weights", "which", "split", "json", "save_pred", "images", "boxes", "merge", "export", "onnx")
 
 
 def main(argv=None) -> None:
@@ -70,9 +70,28 @@ def main(argv=None) -> None:
         if config.json:
             checkpoints.write_json(Path(config.json), {"split": split, "weights": str(weights), **summary})
             print(f"metrics written to {config.json}")
+    if config.onnx:
+        export_and_check_onnx(model, dataset, config)
     if config.save_pred:
         count = save_predictions(model, dataset, config, runtime.device, Path(config.save_pred), class_names)
         print(f"{count} predictions written to {config.save_pred}")
+
+
+def export_and_check_onnx(model, dataset, config) -> None:
+    """Export the merged net to ONNX and compare onnxruntime with PyTorch on two samples."""
+    from pathlib import Path
+
+    from torch.utils.data import default_collate
+
+    from models.onnx_export import check_onnx, export_onnx
+
+    model.eval()
+    paths = export_onnx(model, Path(config.onnx), config.prompt, num_points=config.n_points + config.n_neg_points)
+    batch = default_collate([dataset[i] for i in range(min(2, len(dataset)))])
+    inputs = {"images": batch["image"], **{k: batch[k] for k in ("points", "point_labels", "boxes") if k in batch}}
+    differences = check_onnx(model.cpu(), paths, inputs)
+    print(f"wrote {paths['image_encoder']} and {paths['mask_decoder']}; max |onnxruntime - torch|: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in differences.items()))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
         ckpt_mb = path.stat().st_size / 2 ** 20
 
     model.eval()
-    infer = lambda net: _timed(lambda: net(images, prompts), 3, device) * 1000  # noqa: E731
+    infer = lambda net: _timed(lambda: net(images, prompts), 2, device) * 1000  # noqa: E731
     with torch.no_grad():
         unmerged_ms = infer(model)
         merged_ms = None
