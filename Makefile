@@ -5,9 +5,8 @@ PYTHON ?= python3
 export NO_ALBUMENTATIONS_UPDATE = 1
 STAMP := .install-stamp
 
-$(STAMP): requirements.txt setup.py
+$(STAMP): requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt
-	$(PYTHON) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
