@@ -15,6 +15,25 @@ def shared_dir() -> Path:
     return path
 
 
+def reference_file(shared_dir: Path, name: str) -> Path:
+    """A file of ../shared/reference; the test skips when it is missing."""
+    path = shared_dir / "reference" / name
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread buys nothing and, on shared cores, costs a lot of waiting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- data-set fixtures (tests/test_datasets.py) ---------------------------------------------------
 
 import numpy as np  # noqa: E402

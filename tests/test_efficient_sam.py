@@ -15,6 +15,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from common.errors import UserError
 from models import build_segmenter
+from conftest import reference_file
 from models.efficient_sam import EFFICIENT_SAM_TARGETS
 from models.efficient_sam.prompt_encoder import MAX_POINTS, prompt_points
 from models.registry import resolve_encoder
@@ -23,13 +24,6 @@ from models.segmenter import Prompts
 TOLERANCE = 1e-4
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def reference_file(shared_dir: Path, name: str) -> Path:
-    path = shared_dir / "reference" / name
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

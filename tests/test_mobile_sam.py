@@ -16,6 +16,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from common.errors import UserError
 from models import build_segmenter
+from conftest import reference_file
 from models.mobile_sam import TINY_VIT_TARGETS
 from models.segmenter import Prompts
 
@@ -28,13 +29,6 @@ PROMPT_CASES = {  # fixture output name -> (use points, use box, multimask)
 HOOKED = ("patch_embed", "layers.0", "layers.1", "layers.2", "layers.3", "neck")
 PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-
-
-def reference_file(shared_dir: Path, name: str) -> Path:
-    path = shared_dir / "reference" / name
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 def load_fixture(path: Path) -> dict:

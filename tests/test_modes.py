@@ -38,14 +38,7 @@ LORA_PARAM = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_E|lora_mag
 ADAPTER_PARAM = re.compile(r"(?P<module>.+)\.adapter\.(?P<kind>down|up)\.(weight|bias)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these tiny nets gain nothing from two, and on a shared CPU two threads
-    spin-wait on each other (measured: 4x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- helpers

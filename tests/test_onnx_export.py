@@ -40,13 +40,7 @@ DECODER_INPUTS = {"click": ["embeddings", "points", "point_labels"], "box": ["em
 LABELS = torch.tensor([[1, 0, -1, 1, 0, 1, 1, 0], [1, -1, 1, 0, 0, 1, 0, -1]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread buys nothing and, on shared cores, costs a lot of waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def merged_model(net: str, num_classes: int) -> torch.nn.Module:

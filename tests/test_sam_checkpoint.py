@@ -21,12 +21,7 @@ GLOBAL_BLOCKS = (2, 5, 8, 11)  # vit_b's global-attention blocks; the others use
 DIM, HEAD_DIM = 768, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
