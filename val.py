@@ -33,6 +33,9 @@ def main(argv=None) -> None:
     from engine.trainer import evaluate
     from models.merge import merge_adapters, official_state
 
+    fixed = sorted(set(given) - set(VAL_OVERRIDES) - set(VAL_ONLY))
+    if fixed:
+        raise UserError(f"-{fixed[0]} is fixed by the run's config.json and cannot change in val.py; drop it")
     saved = checkpoints.read_run_config(args.weights)
     run = saved.get("run", {})
     changes = {name: getattr(args, name) for name in VAL_ONLY + tuple(n for n in VAL_OVERRIDES if n in given)}
@@ -60,6 +63,9 @@ def main(argv=None) -> None:
     else:
         same_data = (config.dataset, config.data_path) == (saved["dataset"], saved["data_path"])
         data = load_data(config, checkpoints.load_splits(args.weights) if same_data else None)
+        if data.num_classes != run["num_classes"]:
+            raise UserError(f"-dataset {config.dataset} has {data.num_classes} classes but the run in {args.weights} "
+                            f"predicts {run['num_classes']}: evaluate it on data with the same classes")
         dataset = data.test if config.split == "test" and data.test is not None else data.val
         split = "test" if dataset is data.test else "val"
         summary = evaluate(model, dataset, config, runtime, class_names, split)
