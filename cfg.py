@@ -59,6 +59,8 @@ class Config:
     rater_policy: str = flag("majority", "refuge multi-rater masks: majority | mean | rater number 1..7", ALL)
     synthetic_size: int = flag(64, "synthetic: number of training images (val/test get a quarter each)", ALL)
     synthetic_classes: int = flag(1, "synthetic: 1 (lesion) or 2 (nested disc+cup-like classes)", ALL)
+    cache_images: bool = flag(False, "keep decoded, resized images in memory after their first use "
+                              "(one copy per loader worker)", ALL)
     max_train: Optional[int] = flag(None, "use only the first N training samples (quick runs)", RUN)
     max_eval: Optional[int] = flag(None, "use only the first N validation/test samples (quick runs)", ALL)
     # optimisation

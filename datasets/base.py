@@ -129,6 +129,7 @@ class SegmentationDataset(Dataset):
         self.augment = transforms.build_augment(config.aug) if train else None
         self.skipped = 0
         self.epoch = 0
+        self.resized_cache: dict[int, tuple] = {}  # -cache_images (one copy per loader worker)
 
     def set_epoch(self, epoch: int) -> None:
         """Training randomness is a function of (seed, epoch, sample name): identical for any number of
@@ -165,15 +166,10 @@ class SegmentationDataset(Dataset):
         record = self.records[index]
         return record.image if record.image is not None else read_image(Path(record.image_path))
 
-    def __getitem__(self, index: int) -> dict:
+    def load_resized(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Decoded image and its mask (H x W x C), ROI-cropped in training if asked, resized longest-side
+        to S: the deterministic part of the pipeline, which -cache_images keeps in memory."""
         record = self.records[index]
-        name_hash = zlib.crc32(record.name.encode())
-        if self.train:
-            seed = int(np.random.default_rng([self.config.seed, self.epoch, name_hash]).integers(2 ** 31 - 1))
-            rng = np.random.default_rng(seed)
-        else:
-            seed = None
-            rng = np.random.default_rng([self.config.seed, name_hash])
         image = self.load_image(index)
         mask = self.bank.channels(index)
         if image.shape[:2] != mask.shape[1:]:
@@ -184,6 +180,23 @@ class SegmentationDataset(Dataset):
         if self.roi_crop:
             image, mask = transforms.roi_crop(image, mask)
         image, mask = transforms.resize_longest(image, mask, self.size)
+        return image, mask, original_hw
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        name_hash = zlib.crc32(record.name.encode())
+        if self.train:
+            seed = int(np.random.default_rng([self.config.seed, self.epoch, name_hash]).integers(2 ** 31 - 1))
+            rng = np.random.default_rng(seed)
+        else:
+            seed = None
+            rng = np.random.default_rng([self.config.seed, name_hash])
+        resized = self.resized_cache.get(index)
+        if resized is None:
+            resized = self.load_resized(index)
+            if self.config.cache_images:
+                self.resized_cache[index] = resized
+        image, mask, original_hw = resized
         if self.augment is not None:
             transforms.reseed(self.augment, seed)
             out = self.augment(image=image, mask=mask)

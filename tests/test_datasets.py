@@ -535,3 +535,15 @@ def test_training_randomness_depends_only_on_seed_epoch_and_sample(make_config):
     data.train.set_epoch(4)
     other = data.train[1]
     assert not (torch.equal(first["image"], other["image"]) and torch.equal(first["points"], other["points"]))
+
+
+def test_image_cache_gives_the_same_samples(make_config):
+    plain = build_datasets(make_config(aug="strong", synthetic_size=4, image_size=48))
+    cached = build_datasets(make_config(aug="strong", synthetic_size=4, image_size=48, cache_images=True))
+    for epoch in (1, 2):  # the second pass reads the cache; augmentation must not have altered it
+        plain.train.set_epoch(epoch)
+        cached.train.set_epoch(epoch)
+        for index in range(len(plain.train)):
+            a, b = plain.train[index], cached.train[index]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert len(cached.train.resized_cache) == len(cached.train) and not plain.train.resized_cache

@@ -1,0 +1,42 @@
+"""compare.py: trains each mode with the same flags, tabulates them, and does not retrain finished modes."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.compare import applies_to, train_argv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mode_specific_flags_go_only_to_their_modes():
+    given = {"mid_dim": 8, "lora_alpha": 16.0, "adalora_init_r": 6, "grad_ckpt": True, "image_size": 64}
+    assert train_argv(given, "sam_full", 1, "x") == ["-grad_ckpt", "-image_size", "64", "-mod", "sam_full",
+                                                     "-seed", "1", "-exp_name", "x"]
+    assert "-lora_alpha" in train_argv(given, "sam_lora", 0, "x")
+    assert "-adalora_init_r" not in train_argv(given, "sam_lora", 0, "x")
+    assert not applies_to("grad_ckpt", "sam_decoder") and applies_to("mid_dim", "sam_adpt")
+
+
+@pytest.mark.slow
+def test_compare_trains_tabulates_and_resumes(tmp_path):
+    command = [sys.executable, "compare.py", "-image_size", "64", "-synthetic_size", "8", "-epochs", "1", "-b", "4",
+               "-vis", "0", "-mods", "sam_decoder,sam_lora", "-exp_name", "t", "-ckpt_root", str(tmp_path / "ck"),
+               "-figs_root", str(tmp_path / "figs")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "figs" / "compare_t"
+    with open(out / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["mode"] for row in rows] == ["sam_decoder", "sam_lora"]
+    assert int(rows[0]["trainable_params"]) < int(rows[1]["trainable_params"])
+    assert all(0 <= float(row["dice_mean"]) <= 1 and float(row["ckpt_mb"]) > 0 for row in rows)
+    assert {"table.md", "table.csv", "curves.png", "tradeoff.png"} <= {p.name for p in out.iterdir()}
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0 and second.stdout.count("not trained again") == 2
