@@ -104,7 +104,8 @@ def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runti
                                                                            runtime.world_size),
                         num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
     metrics = MetricAccumulator(class_names)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if runtime.is_main else True):  # None: off when not a terminal
+    progress_off = None if runtime.is_main else True  # None: off when output is not a terminal
+    for batch in tqdm(loader, desc=desc, leave=False, disable=progress_off):
         logits = predict_logits(model, batch, runtime.device, config.amp, size)
         target = resize_target(batch["mask"].to(runtime.device), size)
         metrics.update(logits, target, valid_region(batch["valid_hw"].to(runtime.device), size,
@@ -170,8 +171,10 @@ class Trainer:
         self.embedding_cache: dict[int, Tensor] = {}
         if config.cache_embeddings:
             self.train_set = IndexedDataset(train_set)
-        self.network = (DistributedDataParallel(model, find_unused_parameters=True) if runtime.distributed
-                        else model)
+        self.network = model
+        if runtime.distributed:  # find_unused: e.g. the IoU head and the unused mask tokens get no gradient
+            device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.network = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
 
     # ----------------------------------------------------------------------------- resume
