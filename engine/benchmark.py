@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +27,8 @@ from .session import build_model
 from .trainer import autocast_context
 
 COLUMNS = ("net", "encoder", "mod", "amp", "grad_ckpt", "image_size", "batch", "trainable_params", "total_params",
-           "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_gflops_per_s", "matmul_fraction",
-           "infer_base_ms", "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
+           "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
+           "matmul_fraction", "infer_base_ms", "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -57,18 +58,23 @@ def synthetic_batch(config: Config, classes: int, device: torch.device) -> tuple
 
 
 def _timed(function, repeats: int, device: torch.device) -> float:
-    """Seconds per call, after one untimed call (first-call allocations and kernel selection)."""
+    """Median seconds per call over `repeats` calls, after one untimed call (first-call allocations)."""
     function()
-    synchronize(device)
-    started = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
         function()
-    synchronize(device)
-    return (time.perf_counter() - started) / repeats
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def measure(config: Config, steps: int, warmup: int) -> dict:
-    """One row: train `steps` steps after `warmup`, then time inference of base, unmerged and merged models."""
+    """One row: train `steps` steps after `warmup`, then time inference of base, unmerged and merged models.
+
+    peak_mem_mb is the whole process (CUDA: allocated tensors; CPU: resident set, which includes the
+    libraries); train_mem_mb is what training adds on top of the built model, batch and optimizer."""
     device = resolve_device(config.device)
     model, adaptation = build_model(config, 1, total_steps=steps + warmup + 10, device=device, verbose=False)
     images, masks, prompts = synthetic_batch(config, 1, device)
@@ -91,6 +97,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     model.train()
     memory = PeakMemory(device)
     memory.reset()
+    start_mb = memory.peak_mb()  # model, batch and optimizer are in memory; training adds the rest
     for _ in range(max(warmup - 1, 0)):
         train_step()
     sec_per_step = _timed(train_step, steps, device)  # its untimed first call is the last warm-up step
@@ -105,7 +112,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
         ckpt_mb = path.stat().st_size / 2 ** 20
 
     model.eval()
-    infer = lambda net: _timed(lambda: net(images, prompts), 2, device) * 1000  # noqa: E731
+    infer = lambda net: _timed(lambda: net(images, prompts), 5, device) * 1000  # noqa: E731
     with torch.no_grad():
         unmerged_ms = infer(model)
         merged_ms = None
@@ -120,6 +127,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
             "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in base.parameters()),
             "ckpt_mb": round(ckpt_mb, 2), "sec_per_step": round(sec_per_step, 4),
             "images_per_s": round(config.b / sec_per_step, 2), "peak_mem_mb": round(peak, 1),
+            "train_mem_mb": round(peak - start_mb, 1),
             "train_gflops_per_s": round(gflop / sec_per_step, 2), "infer_base_ms": round(base_ms, 2),
             "infer_unmerged_ms": round(unmerged_ms, 2),
             "infer_merged_ms": None if merged_ms is None else round(merged_ms, 2),

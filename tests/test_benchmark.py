@@ -1,0 +1,33 @@
+"""benchmark.py measures each row in its own process and writes a consistent CSV and table."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.benchmark import COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_rows(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "benchmark.py", "-nets", "mobile_sam", "-mods", "sam_lora,sam_adpt",
+                             "-image_size", "64", "-b", "2", "-steps", "1", "-out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out.with_suffix(".csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["mod"] for row in rows] == ["sam_lora", "sam_adpt"] and list(rows[0]) == list(COLUMNS)
+    lora, adapter = rows
+    assert int(lora["trainable_params"]) == 4_177_124 and int(adapter["trainable_params"]) == 4_454_148
+    assert float(lora["ckpt_mb"]) == pytest.approx(4_177_124 * 4 / 2 ** 20, rel=0.01)  # float32 tensors + header
+    assert float(lora["sec_per_step"]) > 0 and float(lora["peak_mem_mb"]) > float(lora["train_mem_mb"]) > 0
+    assert 0 < float(lora["matmul_fraction"]) and float(lora["infer_merged_ms"]) > 0
+    assert adapter["infer_merged_ms"] == ""  # Adapters cannot be merged
+    assert "| mobile_sam |" in out.with_suffix(".md").read_text()
