@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cfg import LORA_MODES  # noqa: E402
 from common.errors import UserError  # noqa: E402
@@ -154,6 +155,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
         epochs = sorted(by_epoch)
         ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker="o", label=mode)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("val mean Dice")
     ax.grid(alpha=0.3)
     ax.legend()
