@@ -12,6 +12,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf checkpoint/demo_mobile_sam_lora figs/demo_mobile_sam_lora  # the demo run is rebuilt every time
 	$(PYTHON) train.py -net mobile_sam -mod sam_lora -dataset synthetic -image_size 128 -epochs 4 -b 4 -lr 1e-3 -exp_name demo_mobile_sam_lora
 	$(PYTHON) val.py -weights checkpoint/demo_mobile_sam_lora -json checkpoint/demo_mobile_sam_lora/test_metrics.json -save_pred checkpoint/demo_mobile_sam_lora/predictions
 
