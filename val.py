@@ -15,7 +15,6 @@ VAL_ONLY = ("weights", "which", "split", "json", "save_pred", "images", "boxes",
 
 def main(argv=None) -> None:
     import dataclasses
-    import json
     from pathlib import Path
 
     from cfg import Config, parse_args
