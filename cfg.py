@@ -18,6 +18,7 @@ ALL = (TRAIN, VAL, COMPARE, BENCH)
 RUN = (TRAIN, COMPARE)
 
 MODES = ("sam_adpt", "sam_lora", "sam_adalora", "sam_dora", "sam_full", "sam_decoder")
+ZERO_SHOT = "zero_shot"  # the base as it is: what val.py evaluates without -weights, compare's first row
 LORA_MODES = ("sam_lora", "sam_adalora", "sam_dora")
 
 
@@ -30,8 +31,9 @@ class Config:
     """Everything a run needs; saved as config.json in the run folder."""
 
     # model
-    net: str = flag("mobile_sam", "net family: sam | mobile_sam | efficient_sam", ALL)
-    encoder: str = flag("default", "image encoder: sam vit_b|vit_l|vit_h; mobile_sam tiny_vit; "
+    net: str = flag("lite_medsam", "net family: lite_medsam (pretrained weights packaged) | sam | mobile_sam | "
+                    "efficient_sam", ALL)
+    encoder: str = flag("default", "image encoder: sam vit_b|vit_l|vit_h; lite_medsam and mobile_sam tiny_vit; "
                         "efficient_sam vit_t|vit_s; default = the net's default", ALL)
     mod: str = flag("sam_lora", "adaptation mode", RUN, choices=MODES)
     mid_dim: Optional[int] = flag(None, "LoRA/DoRA rank (default 4) or Adapter bottleneck (default dim/4)")
@@ -46,7 +48,8 @@ class Config:
     adalora_orth_reg: float = flag(0.5, "AdaLoRA orthogonal-regulariser weight added to the loss")
     image_size: int = flag(256, "model input size S (images are resized longest-side and padded to S x S)", ALL)
     out_size: Optional[int] = flag(None, "resolution of loss and metrics (default = image_size)", ALL)
-    sam_ckpt: Optional[str] = flag(None, "official base weights file; without it the base is random", ALL)
+    sam_ckpt: Optional[str] = flag(None, "official base weights file; without it lite_medsam loads its packaged "
+                                   "weights and other nets start random; 'random' forces random weights", ALL)
     # data
     dataset: str = flag("synthetic", "synthetic | folder | isic | refuge", ALL)
     data_path: Optional[str] = flag(None, "dataset root folder (not needed for synthetic)", ALL)
@@ -85,7 +88,8 @@ class Config:
     resume: Optional[str] = flag(None, "continue the run in this folder from its last.pt", (TRAIN,))
     ckpt_steps: int = flag(0, "also write last.pt every N training steps inside an epoch (0: at epoch ends)")
     # val.py
-    weights: Optional[str] = flag(None, "run folder to evaluate (holds config.json)", (VAL,))
+    weights: Optional[str] = flag(None, "run folder to evaluate (holds config.json); without it val.py evaluates "
+                                  "the base net zero-shot (-net, -encoder, -image_size, -sam_ckpt)", (VAL,))
     which: str = flag("best", "which weights of the run folder", (VAL,), choices=("best", "last"))
     split: str = flag("test", "split to evaluate", (VAL,), choices=("val", "test"))
     json: Optional[str] = flag(None, "write metrics as JSON to this file", (VAL,))
@@ -195,14 +199,13 @@ def validate(config: Config, given: set[str], script: str) -> None:
                         "and the images unchanged between epochs)")
     if config.grad_ckpt and config.mod == "sam_decoder":
         raise UserError("-grad_ckpt has nothing to save with -mod sam_decoder (the encoder runs without gradients)")
-    if config.lora_conv and config.net != "mobile_sam":
-        raise UserError(f"-lora_conv needs a convolutional stem: only -net mobile_sam has one, not {config.net}")
+    if config.lora_conv and config.net not in ("mobile_sam", "lite_medsam"):
+        raise UserError(f"-lora_conv needs a convolutional stem: -net mobile_sam and lite_medsam have one, "
+                        f"not {config.net}")
     resume_may_change = {"resume", "device", "workers", "ckpt_root", "figs_root"}
     if "resume" in given and script == TRAIN and set(given) - resume_may_change:
         extra = sorted(set(given) - resume_may_change)
         raise UserError(f"-resume takes the run's own config.json; drop -{' -'.join(extra)}")
-    if script == VAL and config.weights is None:
-        raise UserError("val.py needs -weights checkpoint/<exp_name>")
     if script == VAL and config.onnx and not config.merge:
         raise UserError("-onnx exports the merged net: add -merge")
     if config.boxes is not None and config.images is None:

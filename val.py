@@ -1,6 +1,7 @@
-"""Evaluate a run folder, write predicted masks, or predict on new images.
+"""Evaluate a run folder (or the base net zero-shot), write predicted masks, or predict on new images.
 
     python val.py -weights checkpoint/<exp_name>                         (test split, else val)
+    python val.py -net lite_medsam -dataset isic -data_path DATA -prompt box   (the base, zero-shot)
     python val.py -weights checkpoint/<exp_name> -json m.json -save_pred preds/
     python val.py -weights checkpoint/<exp_name> -images DIR -prompt none -save_pred preds/
     python val.py -weights checkpoint/<exp_name> -merge -export merged.pth
@@ -17,7 +18,7 @@ def main(argv=None) -> None:
     import dataclasses
     from pathlib import Path
 
-    from cfg import Config, parse_args
+    from cfg import ZERO_SHOT, Config, parse_args
 
     args, given = parse_args("val", argv)  # before the heavy imports
 
@@ -28,22 +29,40 @@ def main(argv=None) -> None:
     from engine import checkpoints
     from engine.predict import save_predictions
     from engine.runtime import start_runtime
-    from engine.session import build_model, load_data
+    from engine.session import build_model, check_base_identity, load_data
     from engine.trainer import evaluate
     from models.merge import merge_adapters, official_state
 
-    fixed = sorted(set(given) - set(VAL_OVERRIDES) - set(VAL_ONLY))
-    if fixed:
-        raise UserError(f"-{fixed[0]} is fixed by the run's config.json and cannot change in val.py; drop it")
-    saved = checkpoints.read_run_config(args.weights)
-    run = saved.get("run", {})
-    changes = {name: getattr(args, name) for name in VAL_ONLY + tuple(n for n in VAL_OVERRIDES if n in given)}
-    config = dataclasses.replace(Config.from_json(saved), **changes)
+    if args.weights is None:  # the base net as it is
+        for name in ("merge", "export", "onnx"):
+            if name in given:
+                raise UserError(f"-{name} needs a trained run: add -weights checkpoint/<exp_name>")
+        config = dataclasses.replace(args, mod=ZERO_SHOT)
+        saved, splits = None, None
+        data = None if config.images else load_data(config)
+        run = {"num_classes": data.num_classes if data else 1,
+               "class_names": data.class_names if data else ["foreground"], "total_steps": 0}
+        weights = "the base net, zero-shot"
+    else:
+        fixed = sorted(set(given) - set(VAL_OVERRIDES) - set(VAL_ONLY))
+        if fixed:
+            raise UserError(f"-{fixed[0]} is fixed by the run's config.json and cannot change in val.py; drop it")
+        saved = checkpoints.read_run_config(args.weights)
+        run = saved.get("run", {})
+        changes = {name: getattr(args, name) for name in VAL_ONLY + tuple(n for n in VAL_OVERRIDES if n in given)}
+        config = dataclasses.replace(Config.from_json(saved), **changes)
+        if run.get("base") and "sam_ckpt" not in given:  # the recorded absolute path: works from any folder
+            config = dataclasses.replace(config, sam_ckpt=run["base"]["path"])
+        check_base_identity(run.get("base"), config)
+        same_data = (config.dataset, config.data_path) == (saved["dataset"], saved["data_path"])
+        splits = checkpoints.load_splits(args.weights) if same_data else None
+        data = None
     runtime = start_runtime(config.device)
     model, adaptation = build_model(config, run["num_classes"], run["total_steps"], runtime.device)
-    weights = Path(args.weights) / f"{config.which}.safetensors"
-    checkpoints.load_weights(weights, model, config.mod == "sam_full")
-    print(f"loaded {weights}")
+    if saved is not None:
+        weights = Path(args.weights) / f"{config.which}.safetensors"
+        checkpoints.load_weights(weights, model, config.mod == "sam_full")
+        print(f"loaded {weights}")
     if config.merge:
         merge_adapters(adaptation)
         print("adapters merged into the base weights")
@@ -60,20 +79,22 @@ def main(argv=None) -> None:
         if not config.save_pred:
             raise UserError("-images predicts without masks: add -save_pred DIR to write the predictions")
     else:
-        same_data = (config.dataset, config.data_path) == (saved["dataset"], saved["data_path"])
-        data = load_data(config, checkpoints.load_splits(args.weights) if same_data else None)
+        data = data or load_data(config, splits)
         if data.num_classes != run["num_classes"]:
             raise UserError(f"-dataset {config.dataset} has {data.num_classes} classes but the run in {args.weights} "
                             f"predicts {run['num_classes']}: evaluate it on data with the same classes")
         dataset = data.test if config.split == "test" and data.test is not None else data.val
         split = "test" if dataset is data.test else "val"
         summary = evaluate(model, dataset, config, runtime, class_names, split)
-        print(f"{split} split, {int(summary['images'])} images, {config.which} weights of {args.weights}:")
+        source = f"{config.which} weights of {args.weights}" if saved is not None else f"{config.net} zero-shot"
+        print(f"{split} split, {int(summary['images'])} images, {config.prompt} prompts, {source}:")
         for key, value in summary.items():
             if key != "images":
                 print(f"  {key:<16}{value:.4f}")
         if config.json:
-            checkpoints.write_json(Path(config.json), {"split": split, "weights": str(weights), **summary})
+            checkpoints.write_json(Path(config.json), {
+                "split": split, "weights": str(weights), "metrics": summary, "config": config.to_json(),
+                "total_params": sum(p.numel() for p in model.parameters())})
             print(f"metrics written to {config.json}")
     if config.onnx:
         export_and_check_onnx(model, dataset, config)

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from models.preprocess import valid_area
+
 
 def valid_region(valid_hw: Tensor, size: int, frame: int) -> Tensor:
     """B x 1 x size x size boolean mask of the un-padded area; valid_hw is given in a frame x frame image."""
     scaled = torch.round(valid_hw.float() * size / frame).long()
-    rows = torch.arange(size, device=valid_hw.device)
-    inside_h = rows[None, :] < scaled[:, :1]
-    inside_w = rows[None, :] < scaled[:, 1:]
-    return (inside_h[:, :, None] & inside_w[:, None, :])[:, None]
+    return valid_area(scaled, size, size, device=valid_hw.device)
 
 
 def dice_iou_per_image(logits: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,9 +8,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cfg import Config, experiment_name
+from cfg import ZERO_SHOT, Config, experiment_name
 from datasets import DataBundle, build_datasets
+from common.errors import UserError
 from models import build_segmenter
+from models.packaged import file_sha256
+from models.registry import RANDOM, base_checkpoint
 from models.activation_checkpointing import enable_activation_checkpointing
 from models.modes import Adaptation, apply_mode, parameter_table
 from models.segmenter import PromptableSegmenter
@@ -31,15 +34,48 @@ def build_model(config: Config, num_classes: int, total_steps: int, device: torc
     The random base is drawn right after seeding with config.seed, so val.py rebuilds the same one.
     """
     seed_everything(config.seed)
-    model = build_segmenter(config.net, config.encoder, config.image_size, num_classes, checkpoint=config.sam_ckpt)
+    checkpoint = base_checkpoint(config.net, config.encoder, config.sam_ckpt)
+    model = build_segmenter(config.net, config.encoder, config.image_size, num_classes, checkpoint=checkpoint)
     if verbose:
-        source = f"base weights from {config.sam_ckpt}" if config.sam_ckpt else \
-            f"no -sam_ckpt: the base model starts from RANDOM weights (seed {config.seed})"
-        print(f"{config.net} ({config.encoder}) at {config.image_size}px, {num_classes} class(es): {source}")
+        print(f"{config.net} ({config.encoder}) at {config.image_size}px, {num_classes} class(es): "
+              f"{describe_base(config, checkpoint)}")
+    if config.mod == ZERO_SHOT:
+        model.requires_grad_(False)
+        return model.to(device), Adaptation(ZERO_SHOT)
     adaptation = apply_mode(model, config, total_steps)
     if config.grad_ckpt:
         enable_activation_checkpointing(model)
     return model.to(device), adaptation
+
+
+def describe_base(config: Config, checkpoint: Optional[str]) -> str:
+    if checkpoint is None:
+        why = "-sam_ckpt random" if config.sam_ckpt == RANDOM else "no -sam_ckpt and no packaged weights"
+        return f"{why}: the base model starts from RANDOM weights (seed {config.seed})"
+    packaged = "packaged " if config.sam_ckpt is None else ""
+    return f"{packaged}base weights from {checkpoint}"
+
+
+def base_identity(config: Config) -> Optional[dict]:
+    """Absolute path and sha256 of the base weights file a run starts from (None: random weights)."""
+    checkpoint = base_checkpoint(config.net, config.encoder, config.sam_ckpt)
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).resolve()
+    if not path.is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist; pass the official weights file with -sam_ckpt")
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def check_base_identity(saved: Optional[dict], config: Config) -> None:
+    """The base file a run folder was trained from must still be the same file (path and sha256)."""
+    if saved is None:
+        return
+    current = base_identity(config)
+    if current is None or current["sha256"] != saved["sha256"]:
+        now = "random weights" if current is None else f"{current['path']} (sha256 {current['sha256'][:12]}...)"
+        raise UserError(f"the run was trained from {saved['path']} (sha256 {saved['sha256'][:12]}...) but the base "
+                        f"is now {now}: restore that file or pass it with -sam_ckpt")
 
 
 def format_parameter_table(model: torch.nn.Module, mode: str) -> str:
@@ -65,6 +101,6 @@ def load_data(config: Config, splits: Optional[dict] = None, verbose: bool = Tru
 
 def write_run_config(run_dir: Path, config: Config, data: DataBundle, total_steps: int) -> None:
     run = {"num_classes": data.num_classes, "class_names": data.class_names, "total_steps": total_steps,
-           "layout": data.layout}
+           "layout": data.layout, "base": base_identity(config)}
     checkpoints.write_json(run_dir / checkpoints.CONFIG, {**config.to_json(), "run": run})
     checkpoints.write_json(run_dir / checkpoints.SPLITS, data.splits)

@@ -50,7 +50,8 @@ def predict_logits(model: nn.Module, batch: dict, device: torch.device, amp: str
     """Float32 logits at size x size for a batch (images 0..255, S x S), or from cached embeddings."""
     images = None if embeddings is not None else batch["image"].to(device, non_blocking=True)
     with autocast_context(amp, device):
-        logits, _ = model(images, prompts_from_batch(batch, device), embeddings=embeddings)
+        logits, _ = model(images, prompts_from_batch(batch, device), embeddings=embeddings,
+                          valid_hw=batch["valid_hw"].to(device))
     return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
 
 
@@ -211,8 +212,9 @@ class Trainer:
         missing = [i for i, index in enumerate(batch["index"].tolist()) if index not in self.embedding_cache]
         if missing:
             images = batch["image"][missing].to(self.runtime.device)
+            valid_hw = batch["valid_hw"][missing].to(self.runtime.device)
             with autocast_context(self.config.amp, self.runtime.device):
-                computed = self.model.encode(images).float().cpu()
+                computed = self.model.encode(images, valid_hw).float().cpu()
             for row, i in enumerate(missing):
                 self.embedding_cache[int(batch["index"][i])] = computed[row]
         stacked = torch.stack([self.embedding_cache[int(index)] for index in batch["index"]])

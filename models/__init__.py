@@ -1,5 +1,5 @@
 """Nets behind one interface; importing this package registers every net."""
-from . import efficient_sam, mobile_sam, sam
+from . import efficient_sam, lite_medsam, mobile_sam, sam
 from .registry import build_segmenter
 
-__all__ = ["build_segmenter", "efficient_sam", "mobile_sam", "sam"]
+__all__ = ["build_segmenter", "efficient_sam", "lite_medsam", "mobile_sam", "sam"]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from common.errors import UserError
 
+from .packaged import PackagedCheckpoint
 from .segmenter import PromptableSegmenter
 
 StateDict = dict[str, Tensor]
@@ -26,6 +27,7 @@ class NetEntry:
     checkpoint_format: str
     unwrap_key: Optional[str]  # the official file holds its state_dict under this key (None: flat)
     size_multiple: int
+    packaged: Optional[PackagedCheckpoint] = None  # pretrained weights installed with a package: the default base
 
 
 _NETS: dict[tuple[str, str], NetEntry] = {}
@@ -34,9 +36,10 @@ _DEFAULT_ENCODER: dict[str, str] = {}
 
 def register_net(net: str, encoder: str, build: Builder, *, checkpoint_format: str,
                  checkpoint_filter: Optional[CheckpointFilter] = None, unwrap_key: Optional[str] = None,
-                 size_multiple: int = 16, default: bool = False) -> None:
+                 size_multiple: int = 16, default: bool = False,
+                 packaged: Optional[PackagedCheckpoint] = None) -> None:
     _NETS[(net, encoder)] = NetEntry(net, encoder, build, checkpoint_filter, checkpoint_format, unwrap_key,
-                                     size_multiple)
+                                     size_multiple, packaged)
     if default:
         _DEFAULT_ENCODER[net] = encoder
 
@@ -62,6 +65,20 @@ def resolve_encoder(net: str, encoder: str) -> str:
 
 def net_entry(net: str, encoder: str) -> NetEntry:
     return _NETS[(net, resolve_encoder(net, encoder))]
+
+
+RANDOM = "random"  # the -sam_ckpt value that asks for random base weights explicitly
+
+
+def base_checkpoint(net: str, encoder: str, requested: Optional[str]) -> Optional[str]:
+    """The base weights file to load: `requested` as given, the net's packaged weights when nothing was
+    requested, None (random weights) for "random" or for a net that ships no weights."""
+    if requested == RANDOM:
+        return None
+    if requested is not None:
+        return requested
+    packaged = net_entry(net, encoder).packaged
+    return str(packaged.locate()) if packaged is not None else None
 
 
 def build_segmenter(net: str, encoder: str, image_size: int, num_classes: int,

@@ -2,31 +2,41 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder
 from torch import Tensor, nn
 
+from .preprocess import standardise
 from .registry import register_net
 from .sam_decoder import SAM_PIXEL_MEAN, SAM_PIXEL_STD, BatchedMaskDecoder, sam_mask_decoder, sam_prompt_encoder
 from .segmenter import AdaptTargets, PromptableSegmenter, Prompts
 
 
 class SamStyleSegmenter(PromptableSegmenter):
-    """An image encoder with SAM's prompt encoder and mask decoder (SAM ViT and MobileSAM)."""
+    """An image encoder with SAM's prompt encoder and mask decoder (SAM ViT, MobileSAM, LiteMedSAM).
 
-    def __init__(self, image_encoder: nn.Module, adapt_targets: AdaptTargets, image_size: int, num_classes: int):
+    `embedding_stride`: input pixels per embedding cell (16 for SAM and MobileSAM, 4 for LiteMedSAM).
+    Images are standardised with SAM's pixel mean/std and padded with 0 afterwards.
+    """
+
+    def __init__(self, image_encoder: nn.Module, adapt_targets: AdaptTargets, image_size: int, num_classes: int,
+                 embedding_stride: int = 16):
         super().__init__(image_size, num_classes)
         self.image_encoder = image_encoder
-        self.prompt_encoder: PromptEncoder = sam_prompt_encoder(image_size)
+        self.prompt_encoder: PromptEncoder = sam_prompt_encoder(image_size, embedding_stride)
         self.mask_decoder: BatchedMaskDecoder = sam_mask_decoder()
         self.adapt_targets = adapt_targets
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
-    def encode(self, images: Tensor) -> Tensor:
-        return self.image_encoder((images - self.pixel_mean) / self.pixel_std)
+    def normalise(self, images: Tensor, valid_hw: Optional[Tensor]) -> Tensor:
+        return standardise(images, valid_hw, self.pixel_mean, self.pixel_std)
+
+    def encode(self, images: Tensor, valid_hw: Optional[Tensor] = None) -> Tensor:
+        return self.image_encoder(self.normalise(images, valid_hw))
 
     def decode_queries(self, embeddings: Tensor, prompts: Prompts, multimask: bool) -> tuple[Tensor, Tensor]:
         points = None if prompts.points is None else (prompts.points, prompts.point_labels)

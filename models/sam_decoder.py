@@ -39,8 +39,8 @@ class BatchedMaskDecoder(MaskDecoder):
         return masks, self.iou_prediction_head(iou_token_out)
 
 
-def sam_prompt_encoder(image_size: int) -> PromptEncoder:
-    grid = image_size // 16
+def sam_prompt_encoder(image_size: int, embedding_stride: int = 16) -> PromptEncoder:
+    grid = image_size // embedding_stride
     return PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(grid, grid),
                          input_image_size=(image_size, image_size), mask_in_chans=16)
 

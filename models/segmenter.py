@@ -66,8 +66,12 @@ class PromptableSegmenter(nn.Module):
         self.image_size = image_size
         self.num_classes = num_classes
 
-    def encode(self, images: Tensor) -> Tensor:
-        """B x 3 x S x S images with values 0..255 -> B x 256 x S/16 x S/16 embeddings."""
+    def encode(self, images: Tensor, valid_hw: Optional[Tensor] = None) -> Tensor:
+        """B x 3 x S x S images with values 0..255, zero-padded outside the top-left valid_hw (B x 2:
+        height, width; None: no padding) -> B x 256 x S/k x S/k embeddings (k: the encoder's stride).
+
+        Each net normalises the valid area its own way and gives the padding the value its
+        pretraining pipeline gave it (see models/preprocess.py)."""
         raise NotImplementedError
 
     def decode_queries(self, embeddings: Tensor, prompts: Prompts, multimask: bool) -> tuple[Tensor, Tensor]:
@@ -87,7 +91,7 @@ class PromptableSegmenter(nn.Module):
             logits, iou = logits[:, 0], iou[:, 0]
         return logits.view(batch, classes, *logits.shape[-2:]), iou.view(batch, classes)
 
-    def forward(self, images: Optional[Tensor], prompts: Prompts,
-                embeddings: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Optional[Tensor], prompts: Prompts, embeddings: Optional[Tensor] = None,
+                valid_hw: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Encode and decode; pass precomputed `embeddings` (images None) to skip the encoder."""
-        return self.decode(self.encode(images) if embeddings is None else embeddings, prompts)
+        return self.decode(self.encode(images, valid_hw) if embeddings is None else embeddings, prompts)

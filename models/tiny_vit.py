@@ -28,11 +28,18 @@ class Conv2dBN(nn.Sequential):
 
 
 class PatchEmbed(nn.Module):
-    """Two stride-2 3x3 Conv2dBN with GELU between: B x 3 x S x S -> B x dim x S/4 x S/4."""
+    """Two Conv2dBN with GELU between: B x 3 x S x S -> B x dim x S/stride x S/stride.
 
-    def __init__(self, in_chans: int, dim: int):
+    stride 4: two 3x3 stride-2 convs (MobileSAM); stride 1: two 1x1 stride-1 convs (LiteMedSAM).
+    """
+
+    def __init__(self, in_chans: int, dim: int, stride: int = 4):
         super().__init__()
-        self.seq = nn.Sequential(Conv2dBN(in_chans, dim // 2, 3, 2), nn.GELU(), Conv2dBN(dim // 2, dim, 3, 2))
+        if stride not in (1, 4):
+            raise ValueError(f"the patch embedding has stride 4 (MobileSAM) or 1 (LiteMedSAM), not {stride}")
+        kernel, step = (3, 2) if stride == 4 else (1, 1)
+        self.seq = nn.Sequential(Conv2dBN(in_chans, dim // 2, kernel, step), nn.GELU(),
+                                 Conv2dBN(dim // 2, dim, kernel, step))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.seq(x)
@@ -175,29 +182,32 @@ class BasicLayer(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """MobileSAM's TinyViT-5M encoder: B x 3 x S x S (normalised) -> B x out_chans x S/16 x S/16.
+    """MobileSAM's TinyViT-5M encoder: B x 3 x S x S (normalised) -> B x out_chans x S/stride x S/stride.
 
-    `norm_head` / `head` (the ImageNet classifier) are never used; they exist so that the official
-    checkpoint loads strictly. `merge_strides` are the PatchMerging strides (official: 2, 2, 1).
+    `stem_stride` 4 gives MobileSAM's encoder (stride 16), 1 LiteMedSAM's (stride 4: 256 px -> 64 x 64).
+    `norm_head` / `head` (the ImageNet classifier, `classifier_head=True`) are never used; they exist so
+    that MobileSAM's checkpoint loads strictly (LiteMedSAM's has none). `merge_strides` are the
+    PatchMerging strides (official: 2, 2, 1).
     """
 
     def __init__(self, image_size: int = 1024, in_chans: int = 3, embed_dims: Sequence[int] = (64, 128, 160, 320),
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (2, 4, 5, 10),
                  window_sizes: Sequence[int] = (7, 7, 14, 7), mlp_ratio: float = 4.0,
                  mbconv_expand_ratio: float = 4.0, local_conv_size: int = 3, merge_strides: Sequence[int] = (2, 2, 1),
-                 num_classes: int = 1000, out_chans: int = 256):
+                 stem_stride: int = 4, classifier_head: bool = True, num_classes: int = 1000, out_chans: int = 256):
         super().__init__()
         stages = len(embed_dims)
         if not (len(depths) == len(num_heads) == len(window_sizes) == stages == len(merge_strides) + 1):
             raise ValueError("embed_dims, depths, num_heads, window_sizes need one entry per stage and "
                              "merge_strides one fewer")
-        stride = 4
+        stride = stem_stride
         for s in merge_strides:
             stride *= s
         if image_size % stride:
             raise ValueError(f"image_size {image_size} is not a multiple of the encoder stride {stride}")
         self.image_size = image_size
-        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+        self.stride = stride
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0], stem_stride)
         layers: list[nn.Module] = [ConvLayer(embed_dims[0], embed_dims[1], depths[0], mbconv_expand_ratio,
                                              merge_strides[0])]
         for i in range(1, stages):
@@ -206,8 +216,9 @@ class TinyViT(nn.Module):
                                      local_conv_size, out_dim=None if last else embed_dims[i + 1],
                                      merge_stride=1 if last else merge_strides[i]))
         self.layers = nn.ModuleList(layers)
-        self.norm_head = nn.LayerNorm(embed_dims[-1])
-        self.head = nn.Linear(embed_dims[-1], num_classes)
+        if classifier_head:
+            self.norm_head = nn.LayerNorm(embed_dims[-1])
+            self.head = nn.Linear(embed_dims[-1], num_classes)
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dims[-1], out_chans, 1, bias=False), LayerNorm2d(out_chans),
             nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))

@@ -33,7 +33,7 @@ def help_text(script: str, capsys) -> str:
 def test_defaults_parse():
     config, given = parse_args("train", [])
     assert config == Config() and given == set()
-    assert config.mod == "sam_lora" and config.net == "mobile_sam" and config.image_size == 256
+    assert config.mod == "sam_lora" and config.net == "lite_medsam" and config.image_size == 256
     config, given = parse_args("val", ["-weights", "checkpoint/run"])
     assert config == Config(weights="checkpoint/run") and given == {"weights"}
 
@@ -139,7 +139,6 @@ REJECTED = [
     ("train", ["-resume", "checkpoint/run", "-lr", "0.1"], "-lr"),
     ("train", ["-resume", "checkpoint/run", "-epochs", "20", "-device", "cpu"], "-epochs"),
     # val.py
-    ("val", [], "-weights"),
     ("val", ["-weights", "w", "-boxes", "b.csv"], "-boxes"),
     ("val", ["-weights", "w", "-images", "imgs"], "-images"),  # default -prompt click
     ("val", ["-weights", "w", "-images", "imgs", "-prompt", "click"], "-prompt"),

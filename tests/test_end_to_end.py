@@ -72,7 +72,7 @@ def test_training_improves_dice_and_val_reproduces_it(tmp_path):
     result = run_script("val.py", "-weights", str(run_dir), "-which", "last", "-split", "val", "-json", str(out),
                         "-save_pred", str(tmp_path / "pred"), tmp=tmp_path)
     assert "dice_mean" in result.stdout
-    assert json.loads(out.read_text())["dice_mean"] == pytest.approx(float(history[-1]["val_dice_mean"]), abs=1e-6)
+    assert json.loads(out.read_text())["metrics"]["dice_mean"] == pytest.approx(float(history[-1]["val_dice_mean"]), abs=1e-6)
     predictions = sorted(p.name for p in (tmp_path / "pred").iterdir())
     assert len(predictions) == 2 * 4 and any(name.endswith("_overlay.png") for name in predictions)
 

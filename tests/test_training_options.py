@@ -43,7 +43,7 @@ def test_cached_embeddings_encode_each_image_once(tmp_path):
     trainer, _ = small_run(tmp_path, mod="sam_decoder", aug="none", cache_embeddings=True)
     calls = []
     encode = trainer.model.encode
-    trainer.model.encode = lambda images: calls.append(images.shape[0]) or encode(images)
+    trainer.model.encode = lambda images, valid_hw: calls.append(images.shape[0]) or encode(images, valid_hw)
     trainer._train_epoch()  # epoch 1 fills the cache
     filled = sum(calls)
     assert filled == len(trainer.train_set) and len(trainer.embedding_cache) == len(trainer.train_set)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..preprocess import standardise
 from ..registry import register_net
 from ..segmenter import PromptableSegmenter, Prompts
 from .decoder import EfficientSamMaskDecoder
@@ -38,10 +40,10 @@ class EfficientSamSegmenter(PromptableSegmenter):
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
-    def encode(self, images: Tensor) -> Tensor:
-        """0..255 images -> /255 -> ImageNet mean/std -> encoder (no resize: the toolkit feeds S x S)."""
+    def encode(self, images: Tensor, valid_hw: Optional[Tensor] = None) -> Tensor:
+        """0..255 images -> /255 -> ImageNet mean/std on the valid area, 0 on the padding -> encoder."""
         unit = images.to(self.pixel_mean.dtype) / 255.0
-        return self.image_encoder((unit - self.pixel_mean) / self.pixel_std)
+        return self.image_encoder(standardise(unit, valid_hw, self.pixel_mean, self.pixel_std))
 
     def decode_queries(self, embeddings: Tensor, prompts: Prompts, multimask: bool) -> tuple[Tensor, Tensor]:
         queries, _, height, width = embeddings.shape
