@@ -4,8 +4,9 @@
         -epochs 3 -exp_name isic_modes
     python compare.py -runs checkpoint/a,checkpoint/b -exp_name mine     (tabulate finished runs)
 
-Writes figs/compare_<exp_name>/{table.md,table.csv,curves.png,tradeoff.png}; finished modes are
-not trained again, killed ones resume.
+Writes figs/compare_<exp_name>/{table.md,table.csv,curves.png,tradeoff.png}; the first row is always the
+base net evaluated zero-shot on the same split and prompts; finished modes are not trained again, killed
+ones resume.
 """
 from common.cli import run_cli
 
@@ -18,7 +19,7 @@ def main(argv=None) -> None:
     config, given = parse_args("compare", argv)  # before the heavy imports
 
     from common.errors import UserError
-    from engine.compare import read_run, train_runs, write_outputs
+    from engine.compare import read_run, train_runs, write_outputs, zero_shot_run
 
     name = config.exp_name or f"{config.net}_{config.dataset}"
     if config.runs:
@@ -31,7 +32,8 @@ def main(argv=None) -> None:
         seeds = [int(seed) for seed in config.seeds.split(",")]
         passed = {key: getattr(config, key) for key in given
                   if key not in ("mods", "seeds", "runs", "exp_name", "mod", "seed")}
-        folders = train_runs(passed, modes, seeds, name, config.ckpt_root)
+        folders = [zero_shot_run(passed, name, config.ckpt_root)] + train_runs(passed, modes, seeds, name,
+                                                                                config.ckpt_root)
     table = write_outputs([read_run(folder) for folder in folders], Path(config.figs_root) / f"compare_{name}")
     print(table)
     print(f"wrote {Path(config.figs_root) / f'compare_{name}'}/table.md, table.csv, curves.png, tradeoff.png")

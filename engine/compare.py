@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -15,12 +16,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cfg import LORA_MODES  # noqa: E402
+from cfg import LORA_MODES, VAL, ZERO_SHOT, Config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
 from .checkpoints import CONFIG, LAST_STATE  # noqa: E402
 
 FINAL = "final_metrics.json"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def applies_to(flag_name: str, mode: str) -> bool:
@@ -38,15 +40,34 @@ def applies_to(flag_name: str, mode: str) -> bool:
 
 def train_argv(given: dict, mode: str, seed: int, exp_name: str) -> list[str]:
     """train.py flags for one mode/seed: the user's flags that apply to it, plus -mod, -seed, -exp_name."""
+    argv = _flag_argv({name: value for name, value in given.items() if applies_to(name, mode)})
+    return argv + ["-mod", mode, "-seed", str(seed), "-exp_name", exp_name]
+
+
+def _flag_argv(values: dict) -> list[str]:
     argv = []
-    for name, value in given.items():
-        if not applies_to(name, mode):
-            continue
+    for name, value in values.items():
         if isinstance(value, bool):
             argv += [f"-{name}"] if value else []
         else:
             argv += [f"-{name}", str(value)]
-    return argv + ["-mod", mode, "-seed", str(seed), "-exp_name", exp_name]
+    return argv
+
+
+def zero_shot_run(given: dict, name: str, ckpt_root: str) -> Path:
+    """Evaluate the base net as it is (val.py without -weights) on the same data, split and prompts as the
+    trained rows; its metrics go to <ckpt_root>/<name>_zero_shot/final_metrics.json."""
+    run_dir = Path(ckpt_root) / f"{name}_{ZERO_SHOT}"
+    if run_is_finished(run_dir):
+        print(f"[compare] {run_dir.name}: evaluated earlier, not evaluated again", flush=True)
+        return run_dir
+    val_flags = {f.name for f in dataclasses.fields(Config) if VAL in f.metadata["scripts"]}
+    command = [sys.executable, str(REPO / "val.py"), *_flag_argv({k: v for k, v in given.items() if k in val_flags}),
+               "-json", str(run_dir / FINAL)]
+    print(f"[compare] {' '.join(command[1:])}", flush=True)
+    if subprocess.run(command).returncode != 0:
+        raise UserError(f"the zero-shot evaluation {run_dir.name} failed (see its output above)")
+    return run_dir
 
 
 def run_is_finished(run_dir: Path) -> bool:
@@ -65,9 +86,9 @@ def train_runs(given: dict, modes: list[str], seeds: list[int], name: str, ckpt_
                 print(f"[compare] {exp_name}: finished earlier, not trained again", flush=True)
                 continue
             if (run_dir / LAST_STATE).is_file():
-                command = [sys.executable, "train.py", "-resume", str(run_dir)]
+                command = [sys.executable, str(REPO / "train.py"), "-resume", str(run_dir)]
             else:
-                command = [sys.executable, "train.py", *train_argv(given, mode, seed, exp_name)]
+                command = [sys.executable, str(REPO / "train.py"), *train_argv(given, mode, seed, exp_name)]
             print(f"[compare] {' '.join(command[1:])}", flush=True)
             if subprocess.run(command).returncode != 0:
                 raise UserError(f"training {exp_name} failed (see its output above); rerun compare to resume")
@@ -75,11 +96,14 @@ def train_runs(given: dict, modes: list[str], seeds: list[int], name: str, ckpt_
 
 
 def read_run(run_dir: Path) -> dict:
-    """Everything the table needs from one finished run folder."""
+    """Everything the table needs from one finished run folder (or a zero-shot evaluation)."""
     if not run_is_finished(run_dir):
         raise UserError(f"{run_dir} has no {FINAL}: it is not a finished train.py run")
-    config = json.loads((run_dir / CONFIG).read_text())
     final = json.loads((run_dir / FINAL).read_text())
+    if not (run_dir / CONFIG).is_file():  # val.py's zero-shot evaluation: nothing trained
+        return {"mode": ZERO_SHOT, "seed": final["config"]["seed"], "config": final["config"], "final": final,
+                "history": [], "ckpt_mb": 0.0}
+    config = json.loads((run_dir / CONFIG).read_text())
     with open(run_dir / "metrics.csv") as handle:
         history = list(csv.DictReader(handle))
     return {"mode": config["mod"], "seed": config["seed"], "config": config, "final": final, "history": history,
@@ -100,7 +124,13 @@ def summarise(runs: list[dict]) -> list[dict]:
         for key in [k for k in metrics if k.startswith(("dice_", "iou_")) or k == "vcdr_mae"]:
             row[key], row[f"{key}_std"] = _mean_std([run["final"]["metrics"][key] for run in group])
         history = group[0]["history"]
-        trainable, total = int(history[-1]["trainable_params"]), group[0]["final"]["total_params"]
+        total = group[0]["final"]["total_params"]
+        if not history:  # zero-shot: no training
+            row.update({"trainable_params": 0, "trainable_share_pct": 0.0, "ckpt_mb": 0.0, "sec_per_step": None,
+                        "images_per_s": None, "peak_mem_mb": None, "wall_min": None})
+            rows.append(row)
+            continue
+        trainable = int(history[-1]["trainable_params"])
         row.update({
             "trainable_params": trainable, "trainable_share_pct": 100 * trainable / total,
             "ckpt_mb": group[0]["ckpt_mb"],
@@ -121,9 +151,10 @@ def markdown(rows: list[dict], class_keys: list[str]) -> str:
     headers = ["mode", *class_keys, "trainable", "share %", "ckpt MB", "s/step", "img/s", "peak MB", "wall min"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
+        shown = lambda key, spec: "-" if row[key] is None else format(row[key], spec)  # noqa: E731
         cells = [row["mode"], *[metric(row, key) for key in class_keys], f"{row['trainable_params']:,}",
-                 f"{row['trainable_share_pct']:.2f}", f"{row['ckpt_mb']:.2f}", f"{row['sec_per_step']:.3f}",
-                 f"{row['images_per_s']:.2f}", f"{row['peak_mem_mb']:.0f}", f"{row['wall_min']:.1f}"]
+                 f"{row['trainable_share_pct']:.2f}", f"{row['ckpt_mb']:.2f}", shown("sec_per_step", ".3f"),
+                 shown("images_per_s", ".2f"), shown("peak_mem_mb", ".0f"), shown("wall_min", ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -153,6 +184,8 @@ def plot_curves(runs: list[dict], path: Path) -> None:
                 if row.get("val_dice_mean"):
                     by_epoch.setdefault(int(row["epoch"]), []).append(float(row["val_dice_mean"]))
         epochs = sorted(by_epoch)
+        if not epochs:  # zero-shot: nothing trained
+            continue
         ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker="o", label=mode)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -169,6 +202,9 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
     for ax, key, label in ((axes[0], "trainable_params", "trainable parameters (log)"),
                            (axes[1], "peak_mem_mb", "peak memory (MB)")):
         for row in rows:
+            if row["mode"] == ZERO_SHOT:  # no parameters trained, no training memory: a reference line
+                ax.axhline(row["dice_mean"], color="grey", linestyle="--", label="zero-shot base")
+                continue
             ax.scatter(row[key], row["dice_mean"], s=60)
             ax.annotate(row["mode"], (row[key], row["dice_mean"]), textcoords="offset points", xytext=(5, 5),
                         fontsize=8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -34,9 +35,16 @@ def test_compare_trains_tabulates_and_resumes(tmp_path):
     out = tmp_path / "figs" / "compare_t"
     with open(out / "table.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["mode"] for row in rows] == ["sam_decoder", "sam_lora"]
-    assert int(rows[0]["trainable_params"]) < int(rows[1]["trainable_params"])
-    assert all(0 <= float(row["dice_mean"]) <= 1 and float(row["ckpt_mb"]) > 0 for row in rows)
+    assert [row["mode"] for row in rows] == ["zero_shot", "sam_decoder", "sam_lora"]
+    assert int(rows[0]["trainable_params"]) == 0 < int(rows[1]["trainable_params"]) < int(rows[2]["trainable_params"])
+    assert all(0 <= float(row["dice_mean"]) <= 1 and float(row["ckpt_mb"]) > 0 for row in rows[1:])
+    # the zero-shot row is the pretrained base (default lite_medsam) on the same test split: val.py agrees
+    zero_shot = tmp_path / "zs.json"
+    evaluated = subprocess.run([sys.executable, "val.py", "-image_size", "64", "-synthetic_size", "8", "-json",
+                                str(zero_shot)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert float(rows[0]["dice_mean"]) == pytest.approx(json.loads(zero_shot.read_text())["metrics"]["dice_mean"])
     assert {"table.md", "table.csv", "curves.png", "tradeoff.png"} <= {p.name for p in out.iterdir()}
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0 and second.stdout.count("not trained again") == 2
+    assert second.stdout.count("not evaluated again") == 1
