@@ -5,7 +5,6 @@ matmul reference that the achieved GFLOP/s are compared with is measured in the 
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import statistics
@@ -18,12 +17,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cfg import Config
 from models.merge import merge_adapters
+from models.modes import get_mode
 from models.segmenter import Prompts
 
 from .checkpoints import save_weights
 from .loss import PerClassDiceCE
 from .runtime import PeakMemory, resolve_device, synchronize
-from .session import build_model
+from .session import build_base, build_model
 from .trainer import autocast_context
 
 COLUMNS = ("net", "encoder", "mod", "amp", "grad_ckpt", "image_size", "batch", "trainable_params", "total_params",
@@ -108,7 +108,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "weights.safetensors"
-        save_weights(path, model, config.mod == "sam_full", {})
+        save_weights(path, model, get_mode(config.mod).saves_all, {})
         ckpt_mb = path.stat().st_size / 2 ** 20
 
     model.eval()
@@ -119,8 +119,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
         if adaptation.tuner is not None:
             merge_adapters(adaptation)
             merged_ms = infer(model)
-        base, _ = build_model(dataclasses.replace(config, mod="sam_decoder", grad_ckpt=False), 1, 1, device,
-                              verbose=False)
+        base = build_base(config, 1, device)
         base_ms = infer(base.eval())
     return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "amp": config.amp,
             "grad_ckpt": config.grad_ckpt, "image_size": config.image_size, "batch": config.b,

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cfg import LORA_MODES  # noqa: E402
+from models.modes import get_mode, mode_options  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
 from .checkpoints import CONFIG, LAST_STATE  # noqa: E402
@@ -25,14 +25,11 @@ FINAL = "final_metrics.json"
 
 def applies_to(flag_name: str, mode: str) -> bool:
     """Whether a mode-specific flag means anything for `mode` (compare passes it only there)."""
-    if flag_name.startswith("lora_"):
-        return mode in LORA_MODES
-    if flag_name.startswith("adalora_"):
-        return mode == "sam_adalora"
-    if flag_name == "mid_dim":
-        return mode not in ("sam_full", "sam_decoder")
-    if flag_name == "grad_ckpt":
-        return mode != "sam_decoder"
+    spec = get_mode(mode)
+    if flag_name in mode_options():
+        return flag_name in spec.options
+    if flag_name in ("grad_ckpt", "cache_embeddings"):
+        return spec.trains_encoder == (flag_name == "grad_ckpt")
     return True
 
 

@@ -12,7 +12,8 @@ from cfg import Config, experiment_name
 from datasets import DataBundle, build_datasets
 from models import build_segmenter
 from models.activation_checkpointing import enable_activation_checkpointing
-from models.modes import Adaptation, apply_mode, parameter_table
+from models.modes import apply_mode, get_mode
+from models.modes.adaptation import Adaptation, parameter_table
 from models.segmenter import PromptableSegmenter
 
 from . import checkpoints
@@ -36,15 +37,27 @@ def build_model(config: Config, num_classes: int, total_steps: int, device: torc
         source = f"base weights from {config.sam_ckpt}" if config.sam_ckpt else \
             f"no -sam_ckpt: the base model starts from RANDOM weights (seed {config.seed})"
         print(f"{config.net} ({config.encoder}) at {config.image_size}px, {num_classes} class(es): {source}")
-    adaptation = apply_mode(model, config, total_steps)
+    adaptation = apply_mode(model, config.mod, total_steps, **mode_options(config))
     if config.grad_ckpt:
         enable_activation_checkpointing(model)
     return model.to(device), adaptation
 
 
+def mode_options(config: Config) -> dict:
+    """The options the run's mode declares, with their values in `config`."""
+    return {name: getattr(config, name) for name in get_mode(config.mod).options}
+
+
+def build_base(config: Config, num_classes: int, device: torch.device) -> PromptableSegmenter:
+    """The base net alone (no mode applied), built exactly as `build_model` builds it before adapting."""
+    seed_everything(config.seed)
+    model = build_segmenter(config.net, config.encoder, config.image_size, num_classes, checkpoint=config.sam_ckpt)
+    return model.to(device)
+
+
 def format_parameter_table(model: torch.nn.Module, mode: str) -> str:
     lines = [f"trainable parameters ({mode}):", f"  {'part':<17}{'trainable':>13}{'total':>13}{'share':>9}"]
-    for part, trainable, total in parameter_table(model):
+    for part, trainable, total in parameter_table(model, get_mode(mode).adapter_prefix):
         share = f"{100 * trainable / total:.2f}%" if total else "-"
         lines.append(f"  {part:<17}{trainable:>13,}{total:>13,}{share:>9}")
     return "\n".join(lines)

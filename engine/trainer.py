@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from cfg import Config
 from common.errors import UserError
-from models.modes import Adaptation
+from models.modes import get_mode
+from models.modes.adaptation import Adaptation
 from models.segmenter import PromptableSegmenter, Prompts
 
 from . import checkpoints
@@ -161,6 +162,7 @@ class Trainer:
                                            runtime.rank, runtime.world_size)
         self.total_steps = self.sampler.steps_per_epoch() * config.epochs
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.saves_all = get_mode(config.mod).saves_all  # full fine-tuning: checkpoints hold every tensor
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(config.sched, step, self.total_steps))
@@ -192,8 +194,7 @@ class Trainer:
     def _save_last(self) -> None:
         if not self.runtime.is_main:
             return
-        full = self.config.mod == "sam_full"
-        state = {"model": checkpoints.changed_tensors(self.model, full), "optimizer": self.optimizer.state_dict(),
+        state = {"model": checkpoints.changed_tensors(self.model, self.saves_all), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "adaptation": self.adaptation.state_dict(), "train_state": vars(self.state).copy(),
                  "rng": rng_state()}
@@ -202,7 +203,7 @@ class Trainer:
     def _save_weights(self, name: str) -> None:
         if self.runtime.is_main:
             metadata = {"net": self.config.net, "encoder": self.config.encoder, "mod": self.config.mod}
-            checkpoints.save_weights(self.run_dir / name, self.model, self.config.mod == "sam_full", metadata)
+            checkpoints.save_weights(self.run_dir / name, self.model, self.saves_all, metadata)
 
     # ----------------------------------------------------------------------------- training
     @torch.no_grad()
