@@ -21,7 +21,8 @@ def main(argv=None) -> None:
     from engine.runtime import start_runtime, stop_runtime
     from engine.sampler import steps_per_epoch
     from engine.session import build_model, format_parameter_table, load_data, run_folders, write_run_config
-    from engine.trainer import Trainer, evaluate
+    from engine.evaluation import evaluate
+    from engine.trainer import Trainer
     from models.modes import get_mode
 
     splits = None

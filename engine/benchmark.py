@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfg import Config
+from common.tables import markdown_table
 from models.merge import merge_adapters
 from models.modes import get_mode
 from models.segmenter import Prompts
@@ -24,7 +25,7 @@ from .checkpoints import save_weights
 from .loss import PerClassDiceCE
 from .runtime import PeakMemory, resolve_device, synchronize
 from .session import build_base, build_model
-from .trainer import autocast_context
+from .evaluation import autocast_context
 
 COLUMNS = ("net", "encoder", "mod", "amp", "grad_ckpt", "image_size", "batch", "trainable_params", "total_params",
            "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
@@ -159,12 +160,14 @@ def format_row(row: dict) -> str:
     return " ".join(f"{k}={row.get(k)}" for k in COLUMNS)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join("" if row.get(k) is None else f"{row.get(k):,}" if isinstance(row.get(k), int)
-                                and not isinstance(row.get(k), bool) else str(row.get(k)) for k in COLUMNS) + " |"
-              for row in rows]
-    return "\n".join(lines)
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def benchmark_table(rows: list[dict]) -> str:
+    return markdown_table(COLUMNS, ([_cell(row.get(k)) for k in COLUMNS] for row in rows))
 
 
 def machine_description(device: torch.device) -> str:
