@@ -14,7 +14,7 @@ def main(argv=None) -> None:
 
     config, _ = parse_args("benchmark", argv)  # before the heavy imports
 
-    from engine.benchmark import COLUMNS, machine_description, markdown_table, run_benchmark
+    from engine.benchmark import COLUMNS, benchmark_table, machine_description, run_benchmark
     from engine.runtime import resolve_device
     from models.modes import get_mode
     from models.registry import resolve_encoder
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     machine = machine_description(resolve_device(config.device))
     table = (f"Machine: {machine}; float32 matmul reference {reference:.1f} GFLOP/s; image size "
              f"{config.image_size}, batch {config.b}, {config.steps} timed steps; random base weights.\n\n"
-             + markdown_table(rows))
+             + benchmark_table(rows))
     print(table)
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)

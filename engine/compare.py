@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from models.modes import get_mode, mode_options  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.tables import markdown_table  # noqa: E402
 
 from .checkpoints import CONFIG, LAST_STATE  # noqa: E402
 
@@ -116,13 +117,11 @@ def markdown(rows: list[dict], class_keys: list[str]) -> str:
         return f"{row[key]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
     headers = ["mode", *class_keys, "trainable", "share %", "ckpt MB", "s/step", "img/s", "peak MB", "wall min"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        cells = [row["mode"], *[metric(row, key) for key in class_keys], f"{row['trainable_params']:,}",
-                 f"{row['trainable_share_pct']:.2f}", f"{row['ckpt_mb']:.2f}", f"{row['sec_per_step']:.3f}",
-                 f"{row['images_per_s']:.2f}", f"{row['peak_mem_mb']:.0f}", f"{row['wall_min']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(headers, ([row["mode"], *[metric(row, key) for key in class_keys],
+                                     f"{row['trainable_params']:,}", f"{row['trainable_share_pct']:.2f}",
+                                     f"{row['ckpt_mb']:.2f}", f"{row['sec_per_step']:.3f}",
+                                     f"{row['images_per_s']:.2f}", f"{row['peak_mem_mb']:.0f}",
+                                     f"{row['wall_min']:.1f}"] for row in rows))
 
 
 def write_outputs(runs: list[dict], out_dir: Path) -> str:
