@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     from engine.predict import save_predictions
     from engine.runtime import start_runtime
     from engine.session import build_model, load_data
-    from engine.trainer import evaluate
+    from engine.evaluation import evaluate
     from models.merge import merge_adapters, official_state
     from models.modes import get_mode
 
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
 
     class_names = run["class_names"]
     if config.images:
-        dataset = build_image_folder(config, run["num_classes"])
+        dataset = build_image_folder(config.images, config.image_size, run["num_classes"], config.boxes)
         if not config.save_pred:
             raise UserError("-images predicts without masks: add -save_pred DIR to write the predictions")
     else:

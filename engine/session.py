@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cfg import Config, experiment_name
-from datasets import DataBundle, build_datasets
+from datasets import DataBundle, DataOptions, build_datasets
 from models import build_segmenter
 from models.activation_checkpointing import enable_activation_checkpointing
 from models.modes import apply_mode, get_mode
@@ -69,7 +69,7 @@ def run_folders(config: Config) -> tuple[Path, Path]:
 
 
 def load_data(config: Config, splits: Optional[dict] = None, verbose: bool = True) -> DataBundle:
-    data = build_datasets(config, splits)
+    data = build_datasets(DataOptions.pick(config), splits)
     if verbose:
         sizes = f"train {len(data.train)}, val {len(data.val)}" + (f", test {len(data.test)}" if data.test else "")
         print(f"dataset {config.dataset}: {data.layout}; {sizes}; classes {', '.join(data.class_names)}")
