@@ -10,32 +10,30 @@ def main(argv=None) -> None:
     import dataclasses
     from pathlib import Path
 
-    from cfg import MODES, parse_args
+    from cfg import parse_args, parse_modes
 
     config, _ = parse_args("benchmark", argv)  # before the heavy imports
 
-    from common.errors import UserError
-    from engine.benchmark import COLUMNS, machine_description, markdown_table, run_benchmark
+    from engine.benchmark import COLUMNS, benchmark_table, machine_description, run_benchmark
     from engine.runtime import resolve_device
+    from models.modes import get_mode
     from models.registry import resolve_encoder
 
     configs = []
     for pair in config.nets.split(","):
         net, _, encoder = pair.partition(":")
         encoder = resolve_encoder(net, encoder or "default")
-        for mod in config.mods.split(","):
-            if mod not in MODES:
-                raise UserError(f"-mods: unknown mode {mod}; choose from {', '.join(MODES)}")
+        for mod in parse_modes(config.mods):
             for amp in config.amp_options.split(","):
                 for ckpt in config.grad_ckpt_options.split(","):
-                    grad_ckpt = ckpt == "1" and mod != "sam_decoder"
+                    grad_ckpt = ckpt == "1" and get_mode(mod).trains_encoder
                     configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=mod, amp=amp,
                                                        grad_ckpt=grad_ckpt))
     rows, reference = run_benchmark(configs, config.steps, config.warmup)
     machine = machine_description(resolve_device(config.device))
     table = (f"Machine: {machine}; float32 matmul reference {reference:.1f} GFLOP/s; image size "
              f"{config.image_size}, batch {config.b}, {config.steps} timed steps; random base weights.\n\n"
-             + markdown_table(rows))
+             + benchmark_table(rows))
     print(table)
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)

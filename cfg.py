@@ -7,23 +7,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from common.errors import UserError
+from models.modes.registry import get_mode, mode_names, mode_options
 
 TRAIN, VAL, COMPARE, BENCH = "train", "val", "compare", "benchmark"
 ALL = (TRAIN, VAL, COMPARE, BENCH)
 RUN = (TRAIN, COMPARE)
 
-MODES = ("sam_adpt", "sam_lora", "sam_adalora", "sam_dora", "sam_full", "sam_decoder")
+MODES = tuple(mode_names())
 ZERO_SHOT = "zero_shot"  # the base as it is: what val.py evaluates without -weights, compare's first row
-LORA_MODES = ("sam_lora", "sam_adalora", "sam_dora")
 
 
-def flag(default, help: str, scripts: Sequence[str] = RUN, choices: Optional[Sequence] = None, **extra):
-    return field(default=default, metadata=dict(help=help, scripts=tuple(scripts), choices=choices, **extra))
+def flag(default, help: str, scripts: Sequence[str] = RUN, choices: Optional[Sequence] = None,
+         val_may_change: bool = False):
+    """A Config field: its flag help, the scripts that accept it, and (for flags of the run that val.py
+    also takes) whether val.py may change it; any other run flag is fixed by the run's config.json."""
+    return field(default=default, metadata=dict(help=help, scripts=tuple(scripts), choices=choices,
+                                                val_may_change=val_may_change))
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Config:
     mid_dim: Optional[int] = flag(None, "LoRA/DoRA rank (default 4) or Adapter bottleneck (default dim/4)")
     lora_alpha: Optional[float] = flag(None, "LoRA/DoRA/AdaLoRA scaling alpha (default = rank)")
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch")
-    lora_conv: bool = flag(False, "LoRA also on the convolutional stem (mobile_sam only; LoRA modes)")
+    lora_conv: bool = flag(False, "LoRA also on the convolutions the net declares (MobileSAM's stem; LoRA modes)")
     adalora_init_r: int = flag(12, "AdaLoRA initial rank per adapted linear")
     adalora_target_r: int = flag(4, "AdaLoRA average target rank per adapted linear")
     adalora_tinit: float = flag(0.1, "AdaLoRA warm-up without pruning, as a fraction of all steps")
@@ -47,44 +50,45 @@ class Config:
     adalora_delta_t: int = flag(1, "AdaLoRA: prune every this many steps during the budget schedule")
     adalora_orth_reg: float = flag(0.5, "AdaLoRA orthogonal-regulariser weight added to the loss")
     image_size: int = flag(256, "model input size S (images are resized longest-side and padded to S x S)", ALL)
-    out_size: Optional[int] = flag(None, "resolution of loss and metrics (default = image_size)", ALL)
+    out_size: Optional[int] = flag(None, "resolution of loss and metrics (default = image_size)", ALL, val_may_change=True)
     sam_ckpt: Optional[str] = flag(None, "official base weights file; without it lite_medsam loads its packaged "
-                                   "weights and other nets start random; 'random' forces random weights", ALL)
+                                   "weights and other nets start random; 'random' forces random weights", ALL,
+                                   val_may_change=True)
     # data
-    dataset: str = flag("synthetic", "synthetic | folder | isic | refuge", ALL)
-    data_path: Optional[str] = flag(None, "dataset root folder (not needed for synthetic)", ALL)
-    prompt: str = flag("click", "prompt derived from the mask", ALL, choices=("click", "box", "none"))
-    n_points: int = flag(1, "positive clicks per class", ALL)
-    n_neg_points: int = flag(0, "negative clicks per class", ALL)
+    dataset: str = flag("synthetic", "synthetic | folder | isic | refuge", ALL, val_may_change=True)
+    data_path: Optional[str] = flag(None, "dataset root folder (not needed for synthetic)", ALL, val_may_change=True)
+    prompt: str = flag("click", "prompt derived from the mask", ALL, choices=("click", "box", "none"), val_may_change=True)
+    n_points: int = flag(1, "positive clicks per class", ALL, val_may_change=True)
+    n_neg_points: int = flag(0, "negative clicks per class", ALL, val_may_change=True)
     aug: str = flag("light", "training augmentation", RUN, choices=("none", "light", "strong"))
     val_frac: float = flag(0.2, "held-out validation fraction when the layout has no validation split", RUN)
     roi_crop: bool = flag(False, "refuge: train on a crop around the optic disc", RUN)
-    rater_policy: str = flag("majority", "refuge multi-rater masks: majority | mean | rater number 1..7", ALL)
+    rater_policy: str = flag("majority", "refuge multi-rater masks: majority | mean | rater number 1..7", ALL, val_may_change=True)
     synthetic_size: int = flag(64, "synthetic: number of training images (val/test get a quarter each)", ALL)
     synthetic_classes: int = flag(1, "synthetic: 1 (lesion) or 2 (nested disc+cup-like classes)", ALL)
     cache_images: bool = flag(False, "keep decoded, resized images in memory after their first use "
                               "(one copy per loader worker)", ALL)
     max_train: Optional[int] = flag(None, "use only the first N training samples (quick runs)", RUN)
-    max_eval: Optional[int] = flag(None, "use only the first N validation/test samples (quick runs)", ALL)
+    max_eval: Optional[int] = flag(None, "use only the first N validation/test samples (quick runs)", ALL, val_may_change=True)
     # optimisation
-    b: int = flag(2, "batch size (per process)", ALL)
+    b: int = flag(2, "batch size (per process)", ALL, val_may_change=True)
     lr: float = flag(1e-4, "learning rate (AdamW)")
     weight_decay: float = flag(1e-4, "AdamW weight decay")
     epochs: int = flag(10, "training epochs")
     sched: str = flag("cosine", "learning-rate schedule, stepped every iteration", choices=("cosine", "step", "none"))
     seed: int = flag(0, "random seed", ALL)
     amp: str = flag("none", "autocast: bf16 (CPU/CUDA) or fp16 with a gradient scaler (CUDA)", ALL,
-                    choices=("none", "bf16", "fp16"))
+                    choices=("none", "bf16", "fp16"), val_may_change=True)
     grad_ckpt: bool = flag(False, "activation checkpointing of the image-encoder blocks")
     cache_embeddings: bool = flag(False, "sam_decoder with -aug none: compute image embeddings once")
     # runtime and outputs
-    device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"))
-    workers: int = flag(0, "data-loading worker processes", ALL)
+    device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"), val_may_change=True)
+    workers: int = flag(0, "data-loading worker processes", ALL, val_may_change=True)
     val_freq: int = flag(1, "validate every N epochs")
     vis: int = flag(1, "write sample overlays every N epochs (0: never)")
     exp_name: Optional[str] = flag(None, "run name: checkpoint/<exp_name>, figs/<exp_name> (default: derived)")
-    ckpt_root: str = flag("checkpoint", "folder of run folders", ALL)
-    figs_root: str = flag("figs", "folder of figure folders", ALL)
+    ckpt_root: str = flag("checkpoint", "folder of run folders", ALL, val_may_change=True)
+    figs_root: str = flag("figs", "folder of figure folders", ALL, val_may_change=True)
     resume: Optional[str] = flag(None, "continue the run in this folder from its last.pt", (TRAIN,))
     ckpt_steps: int = flag(0, "also write last.pt every N training steps inside an epoch (0: at epoch ends)")
     # val.py
@@ -101,7 +105,8 @@ class Config:
     onnx: Optional[str] = flag(None, "with -merge: export image encoder and mask decoder to ONNX in this folder, "
                                "checked against onnxruntime", (VAL,))
     # compare.py
-    mods: str = flag(",".join(m for m in MODES if m != "sam_dora"), "comma-separated modes", (COMPARE, BENCH))
+    mods: str = flag(",".join(m for m in MODES if get_mode(m).compared_by_default), "comma-separated modes",
+                     (COMPARE, BENCH))
     seeds: str = flag("0", "comma-separated seeds", (COMPARE,))
     runs: Optional[str] = flag(None, "comma-separated existing run folders to tabulate instead of training",
                                (COMPARE,))
@@ -180,28 +185,15 @@ def validate(config: Config, given: set[str], script: str) -> None:
     if config.rater_policy not in ("majority", "mean") and not (config.rater_policy.isdigit()
                                                                  and 1 <= int(config.rater_policy) <= 7):
         raise UserError(f"-rater_policy must be majority, mean or a rater number 1..7, got {config.rater_policy}")
-    if config.mod not in LORA_MODES:
-        for name in ("lora_alpha", "lora_dropout", "lora_conv"):
-            if name in given:
-                raise UserError(f"-{name} only applies to LoRA modes ({', '.join(LORA_MODES)}), not -mod {config.mod}")
-    if config.mod in ("sam_full", "sam_decoder") and "mid_dim" in given:
-        raise UserError(f"-mid_dim has no meaning for -mod {config.mod}; drop it")
-    adalora_given = sorted(name for name in given if name.startswith("adalora_"))
-    if config.mod != "sam_adalora" and adalora_given:
-        raise UserError(f"-{' -'.join(adalora_given)} needs -mod sam_adalora, not -mod {config.mod}")
-    if config.mod == "sam_adalora":
-        if config.adalora_target_r > config.adalora_init_r:
-            raise UserError("-adalora_target_r must not exceed -adalora_init_r")
-        if config.adalora_tinit + config.adalora_tfinal >= 1:
-            raise UserError("-adalora_tinit + -adalora_tfinal must be below 1 (no steps left to prune)")
-    if config.cache_embeddings and (config.mod != "sam_decoder" or config.aug != "none"):
-        raise UserError("-cache_embeddings needs -mod sam_decoder and -aug none (the encoder must be frozen "
-                        "and the images unchanged between epochs)")
-    if config.grad_ckpt and config.mod == "sam_decoder":
-        raise UserError("-grad_ckpt has nothing to save with -mod sam_decoder (the encoder runs without gradients)")
-    if config.lora_conv and config.net not in ("mobile_sam", "lite_medsam"):
-        raise UserError(f"-lora_conv needs a convolutional stem: -net mobile_sam and lite_medsam have one, "
-                        f"not {config.net}")
+    _check_mode_flags(config, given)
+    if config.cache_embeddings and (get_mode(config.mod).trains_encoder or config.aug != "none"):
+        frozen = [m for m in MODES if not get_mode(m).trains_encoder]
+        raise UserError(f"-cache_embeddings needs -mod {' or '.join(frozen)} and -aug none (the encoder must be "
+                        f"frozen and the images unchanged between epochs)")
+    if config.grad_ckpt and not get_mode(config.mod).trains_encoder:
+        raise UserError(f"-grad_ckpt has nothing to save with -mod {config.mod} (the encoder runs without gradients)")
+    if config.lora_conv:
+        _check_net_declares_convs(config)
     resume_may_change = {"resume", "device", "workers", "ckpt_root", "figs_root"}
     if "resume" in given and script == TRAIN and set(given) - resume_may_change:
         extra = sorted(set(given) - resume_may_change)
@@ -216,11 +208,55 @@ def validate(config: Config, given: set[str], script: str) -> None:
         raise UserError("-images with -prompt box needs -boxes FILE.csv")
 
 
+def _check_mode_flags(config: Config, given: set[str]) -> None:
+    """A mode-specific flag is accepted only by the modes that declare it (models/modes/registry.py)."""
+    spec = get_mode(config.mod)
+    refused = sorted((given & mode_options()) - spec.options)
+    if refused:
+        takers = [m for m in MODES if refused[0] in get_mode(m).options]
+        raise UserError(f"-{' -'.join(refused)} does not apply to -mod {config.mod}; "
+                        f"-{refused[0]} goes with -mod {', '.join(takers)}")
+    if {"adalora_init_r", "adalora_target_r"} <= spec.options and config.adalora_target_r > config.adalora_init_r:
+        raise UserError("-adalora_target_r must not exceed -adalora_init_r")
+    if {"adalora_tinit", "adalora_tfinal"} <= spec.options and config.adalora_tinit + config.adalora_tfinal >= 1:
+        raise UserError("-adalora_tinit + -adalora_tfinal must be below 1 (no steps left to prune)")
+
+
+def _check_net_declares_convs(config: Config) -> None:
+    """-lora_conv needs convolutions declared by the net (its AdaptTargets); this imports the nets (torch),
+    which only happens when the flag is given."""
+    from models.registry import net_entry
+
+    targets = net_entry(config.net, config.encoder).adapt_targets
+    if targets is None or not targets.convs:
+        raise UserError(f"-lora_conv needs convolutions to adapt: -net {config.net} declares none "
+                        f"(nets that do: {', '.join(_nets_with_convs())})")
+
+
+def _nets_with_convs() -> list[str]:
+    from models.registry import encoder_names, net_entry, net_names
+
+    entries = [net_entry(net, encoder) for net in net_names() for encoder in encoder_names(net)]
+    return sorted({entry.net for entry in entries if entry.adapt_targets and entry.adapt_targets.convs})
+
+
+def parse_modes(text: str, flag_name: str = "mods") -> list[str]:
+    """A comma-separated list of -mod values; an unknown one is a UserError naming the flag."""
+    modes = text.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise UserError(f"-{flag_name}: unknown mode {unknown[0]}; choose from {', '.join(MODES)}")
+    return modes
+
+
+def val_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(flags of the run that val.py may change, flags that only val.py has)."""
+    fields = [f for f in dataclasses.fields(Config) if VAL in f.metadata["scripts"]]
+    return (tuple(f.name for f in fields if f.metadata["val_may_change"]),
+            tuple(f.name for f in fields if f.metadata["scripts"] == (VAL,)))
+
+
 def experiment_name(config: Config) -> str:
     """A readable default run name: net_encoder_mod_dataset_sSIZE_seedN."""
     return f"{config.net}_{config.encoder}_{config.mod}_{config.dataset}_s{config.image_size}_seed{config.seed}"
 
-
-def save_config(config: Config, path) -> None:
-    with open(path, "w") as handle:
-        json.dump(config.to_json(), handle, indent=2, sort_keys=True)

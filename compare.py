@@ -14,21 +14,17 @@ from common.cli import run_cli
 def main(argv=None) -> None:
     from pathlib import Path
 
-    from cfg import MODES, parse_args
+    from cfg import parse_args, parse_modes
 
     config, given = parse_args("compare", argv)  # before the heavy imports
 
-    from common.errors import UserError
     from engine.compare import read_run, train_runs, write_outputs, zero_shot_run
 
     name = config.exp_name or f"{config.net}_{config.dataset}"
     if config.runs:
         folders = [Path(folder) for folder in config.runs.split(",")]
     else:
-        modes = config.mods.split(",")
-        unknown = [m for m in modes if m not in MODES]
-        if unknown:
-            raise UserError(f"-mods: unknown mode {unknown[0]}; choose from {', '.join(MODES)}")
+        modes = parse_modes(config.mods)
         seeds = [int(seed) for seed in config.seeds.split(",")]
         passed = {key: getattr(config, key) for key in given
                   if key not in ("mods", "seeds", "runs", "exp_name", "mod", "seed")}

@@ -21,7 +21,9 @@ def main(argv=None) -> None:
     from engine.runtime import start_runtime, stop_runtime
     from engine.sampler import steps_per_epoch
     from engine.session import build_model, format_parameter_table, load_data, run_folders, write_run_config
-    from engine.trainer import Trainer, evaluate
+    from engine.evaluation import evaluate
+    from engine.trainer import Trainer
+    from models.modes import get_mode
 
     splits = None
     if config.resume:
@@ -49,7 +51,7 @@ def main(argv=None) -> None:
     started = time.time()
     trainer.fit()
     best = run_dir / "best.safetensors"
-    checkpoints.load_weights(best, model, config.mod == "sam_full")
+    checkpoints.load_weights(best, model, get_mode(config.mod).saves_all)
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
     summary = evaluate(model, dataset, config, runtime, data.class_names, split)
     if runtime.is_main:

@@ -8,17 +8,12 @@
 """
 from common.cli import run_cli
 
-# flags of the run that val.py may change; everything else comes from the run's config.json
-VAL_OVERRIDES = ("dataset", "data_path", "sam_ckpt", "prompt", "n_points", "n_neg_points", "rater_policy",
-                 "device", "workers", "b", "amp", "max_eval", "out_size", "ckpt_root", "figs_root")
-VAL_ONLY = ("weights", "which", "split", "json", "save_pred", "images", "boxes", "merge", "export", "onnx")
-
 
 def main(argv=None) -> None:
     import dataclasses
     from pathlib import Path
 
-    from cfg import ZERO_SHOT, Config, parse_args
+    from cfg import ZERO_SHOT, Config, parse_args, val_flags
 
     args, given = parse_args("val", argv)  # before the heavy imports
 
@@ -29,9 +24,10 @@ def main(argv=None) -> None:
     from engine import checkpoints
     from engine.predict import save_predictions
     from engine.runtime import start_runtime
+    from engine.evaluation import evaluate
     from engine.session import build_model, check_base_identity, load_data
-    from engine.trainer import evaluate
     from models.merge import merge_adapters, official_state
+    from models.modes import get_mode
 
     if args.weights is None:  # the base net as it is
         for name in ("merge", "export", "onnx"):
@@ -44,12 +40,13 @@ def main(argv=None) -> None:
                "class_names": data.class_names if data else ["foreground"], "total_steps": 0}
         weights = "the base net, zero-shot"
     else:
-        fixed = sorted(set(given) - set(VAL_OVERRIDES) - set(VAL_ONLY))
+        may_change, val_only = val_flags()  # run flags val.py may change; val.py's own flags
+        fixed = sorted(set(given) - set(may_change) - set(val_only))
         if fixed:
             raise UserError(f"-{fixed[0]} is fixed by the run's config.json and cannot change in val.py; drop it")
         saved = checkpoints.read_run_config(args.weights)
         run = saved.get("run", {})
-        changes = {name: getattr(args, name) for name in VAL_ONLY + tuple(n for n in VAL_OVERRIDES if n in given)}
+        changes = {name: getattr(args, name) for name in val_only + tuple(n for n in may_change if n in given)}
         config = dataclasses.replace(Config.from_json(saved), **changes)
         if run.get("base") and "sam_ckpt" not in given:  # the recorded absolute path: works from any folder
             config = dataclasses.replace(config, sam_ckpt=run["base"]["path"])
@@ -59,23 +56,28 @@ def main(argv=None) -> None:
         data = None
     runtime = start_runtime(config.device)
     model, adaptation = build_model(config, run["num_classes"], run["total_steps"], runtime.device)
-    if saved is not None:
+    spec = None if saved is None else get_mode(config.mod)
+    if spec is not None:
         weights = Path(args.weights) / f"{config.which}.safetensors"
-        checkpoints.load_weights(weights, model, config.mod == "sam_full")
+        checkpoints.load_weights(weights, model, spec.saves_all)
         print(f"loaded {weights}")
     if config.merge:
-        merge_adapters(adaptation)
+        try:
+            merge_adapters(adaptation)
+        except ValueError as error:
+            raise UserError(f"-merge: {error}") from None
         print("adapters merged into the base weights")
     if config.export:
-        if not config.merge and config.mod != "sam_full":
-            raise UserError("-export writes an official-format checkpoint: add -merge (or export a sam_full run)")
+        if not config.merge and not spec.saves_all:
+            raise UserError(f"-export writes an official-format checkpoint: add -merge (-mod {config.mod} "
+                            f"keeps adapters apart from the base weights)")
         checkpoints.atomic_write(Path(config.export),
                                  lambda tmp: torch.save(official_state(model, config.net, config.encoder), tmp))
         print(f"wrote {config.export} (official {config.net} key format, loadable with -sam_ckpt)")
 
     class_names = run["class_names"]
     if config.images:
-        dataset = build_image_folder(config, run["num_classes"])
+        dataset = build_image_folder(config.images, config.image_size, run["num_classes"], config.boxes)
         if not config.save_pred:
             raise UserError("-images predicts without masks: add -save_pred DIR to write the predictions")
     else:

@@ -1,6 +1,6 @@
-"""Data sets: config -> DataBundle of train/val/test torch Datasets yielding sample dicts.
+"""Data sets: DataOptions -> DataBundle of train/val/test torch Datasets yielding sample dicts.
 
-Every sample is a dict (S = config.image_size, C classes, N = n_points + n_neg_points):
+Every sample is a dict (S = options.image_size, C classes, N = n_points + n_neg_points):
   image         float32 3 x S x S, values 0..255; longest side resized to S, zero padding bottom/right
   mask          float32 C x S x S in [0, 1] (binary; soft for refuge -rater_policy mean); 0 in the padding
   valid_hw      int64 (2,): height, width of the un-padded region in the S x S frame
@@ -13,7 +13,7 @@ boxes. Evaluation: deterministic (interior point first, the rest from an RNG see
 name). An empty class gets padding clicks (label -1) and the whole valid area as its box. Training
 samples whose every class is empty are skipped (with a warning) unless -prompt none.
 
-`build_image_folder(config, num_classes)` gives the unlabelled -images folder for prediction.
+`build_image_folder(folder, image_size, num_classes, boxes)` gives the unlabelled -images folder for prediction.
 """
 from __future__ import annotations
 
@@ -22,16 +22,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from cfg import Config
 from common.errors import UserError
 
 from . import folder, isic, refuge, synthetic
 from .base import Layout, MaskBank, Record, SegmentationDataset, read_codes
 from .images import ImageFolderDataset, build_image_folder
+from .options import DataOptions
 
-REGISTRY: dict[str, Callable[[Config], Layout]] = {
+REGISTRY: dict[str, Callable[[DataOptions], Layout]] = {
     "synthetic": synthetic.detect,
     "folder": folder.detect,
     "isic": isic.detect,
@@ -39,7 +38,7 @@ REGISTRY: dict[str, Callable[[Config], Layout]] = {
 }
 SPLIT_NAMES = ("train", "val", "test")
 
-__all__ = ["DataBundle", "REGISTRY", "build_datasets", "build_image_folder", "ImageFolderDataset",
+__all__ = ["DataBundle", "DataOptions", "REGISTRY", "build_datasets", "build_image_folder", "ImageFolderDataset",
            "SegmentationDataset"]
 
 
@@ -52,10 +51,6 @@ class DataBundle:
     class_names: list[str]
     layout: str  # one sentence naming the detected layout and where validation comes from
     splits: dict  # {"train": [...], "val": [...], "test": [...]} file keys (test absent when there is none)
-
-    def datasets(self) -> dict[str, Dataset]:
-        return {name: ds for name, ds in (("train", self.train), ("val", self.val), ("test", self.test))
-                if ds is not None}
 
 
 def holdout(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -91,30 +86,28 @@ def _reuse(layout: Layout, splits: dict, where: str) -> dict[str, Optional[list[
     return chosen
 
 
-def _check_config(config: Config) -> None:
-    if config.dataset not in REGISTRY:
-        raise UserError(f"-dataset {config.dataset} is unknown; choose one of {', '.join(REGISTRY)}")
-    if config.n_neg_points < 0:
-        raise UserError(f"-n_neg_points must be 0 or more, got {config.n_neg_points}")
-    if config.roi_crop and config.dataset != "refuge":
-        raise UserError(f"-roi_crop crops around the optic disc: it needs -dataset refuge, not {config.dataset}")
-    if config.dataset != "synthetic":
-        if not config.data_path:
-            raise UserError(f"-dataset {config.dataset} needs -data_path DIR")
-        if not Path(config.data_path).is_dir():
-            raise UserError(f"-data_path {config.data_path} does not exist or is not a folder: fix the path")
+def _check_options(options: DataOptions) -> None:
+    if options.dataset not in REGISTRY:
+        raise UserError(f"-dataset {options.dataset} is unknown; choose one of {', '.join(REGISTRY)}")
+    if options.roi_crop and options.dataset != "refuge":
+        raise UserError(f"-roi_crop crops around the optic disc: it needs -dataset refuge, not {options.dataset}")
+    if options.dataset != "synthetic":
+        if not options.data_path:
+            raise UserError(f"-dataset {options.dataset} needs -data_path DIR")
+        if not Path(options.data_path).is_dir():
+            raise UserError(f"-data_path {options.data_path} does not exist or is not a folder: fix the path")
 
 
-def build_datasets(config: Config, splits: Optional[dict] = None) -> DataBundle:
+def build_datasets(options: DataOptions, splits: Optional[dict] = None) -> DataBundle:
     """Detect the layout, read and check every mask, and build the three splits.
 
     `splits` (the `DataBundle.splits` of an earlier build, e.g. from the run folder) pins the files of each
     split. max_train / max_eval keep the first N samples of a split (after skipping empty training masks).
     """
-    _check_config(config)
-    layout = REGISTRY[config.dataset](config)
+    _check_options(options)
+    layout = REGISTRY[options.dataset](options)
     where = "the synthetic set (check -seed, -synthetic_size, -synthetic_classes)" \
-        if config.dataset == "synthetic" else f"-data_path {config.data_path}"
+        if options.dataset == "synthetic" else f"-data_path {options.data_path}"
     sentence = layout.description
     if splits is not None:
         parts = _reuse(layout, splits, where)
@@ -122,8 +115,8 @@ def build_datasets(config: Config, splits: Optional[dict] = None) -> DataBundle:
     else:
         parts = {"train": layout.train, "val": layout.val, "test": layout.test}
         if parts["val"] is None:
-            parts["train"], parts["val"] = holdout(layout.train, config.val_frac, config.seed)
-            sentence += f"; validation = {config.val_frac:g} of training held out (seed {config.seed})"
+            parts["train"], parts["val"] = holdout(layout.train, options.val_frac, options.seed)
+            sentence += f"; validation = {options.val_frac:g} of training held out (seed {options.seed})"
     if parts["test"] is None:
         sentence += "; no test split"
     for note in layout.notes:
@@ -137,17 +130,16 @@ def build_datasets(config: Config, splits: Optional[dict] = None) -> DataBundle:
         if not records:
             built[split] = None
             continue
-        ds = SegmentationDataset(records, MaskBank(codes[split], codec), config, train=split == "train",
-                                 split=split)
-        if split == "train" and config.prompt != "none":
+        ds = SegmentationDataset(records, MaskBank(codes[split], codec), options, train=split == "train")
+        if split == "train" and options.prompt != "none":
             dropped = ds.drop_empty()
             if dropped:
                 print(f"warning: skipped {dropped} of {len(records)} training images with empty masks "
-                      f"(no {config.prompt} prompt can be derived); -prompt none keeps them")
+                      f"(no {options.prompt} prompt can be derived); -prompt none keeps them")
             if len(ds) == 0:
                 raise UserError(f"every training mask in {where} is empty: check the masks "
                                 f"(values, encoding) or train with -prompt none")
-        ds.truncate(config.max_train if split == "train" else config.max_eval)
+        ds.truncate(options.max_train if split == "train" else options.max_eval)
         built[split] = ds
     saved = {split: [r.key for r in records] for split, records in parts.items() if records}
     return DataBundle(train=built["train"], val=built["val"], test=built["test"], num_classes=codec.num_classes,

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cfg import Config
 from common.errors import UserError
 
 from . import transforms
 from .io import read_image, same_size
+from .options import DataOptions
 from .prompts import box_prompts, click_prompts
 
 
@@ -115,19 +115,15 @@ def read_codes(records: Sequence[Record], codec: MaskCodec) -> list[np.ndarray]:
 class SegmentationDataset(Dataset):
     """Images with masks -> sample dicts (see datasets/__init__.py for the keys)."""
 
-    def __init__(self, records: Sequence[Record], bank: MaskBank, config: Config, train: bool,
-                 split: str):
+    def __init__(self, records: Sequence[Record], bank: MaskBank, options: DataOptions, train: bool):
         self.records = list(records)
         self.bank = bank
         self.codec = bank.codec
-        self.config = config
+        self.options = options
         self.train = train
-        self.split = split
-        self.size = config.image_size
-        self.prompt = config.prompt
-        self.roi_crop = bool(config.roi_crop and train)
-        self.augment = transforms.build_augment(config.aug) if train else None
-        self.skipped = 0
+        self.size = options.image_size
+        self.roi_crop = bool(options.roi_crop and train)
+        self.augment = transforms.build_augment(options.aug) if train else None
         self.epoch = 0
         self.resized_cache: dict[int, tuple] = {}  # -cache_images (one copy per loader worker)
 
@@ -151,7 +147,6 @@ class SegmentationDataset(Dataset):
         if dropped:
             self.records = [self.records[i] for i in keep]
             self.bank = self.bank.subset(keep)
-            self.skipped += dropped
         return dropped
 
     def truncate(self, limit: Optional[int]) -> None:
@@ -186,15 +181,15 @@ class SegmentationDataset(Dataset):
         record = self.records[index]
         name_hash = zlib.crc32(record.name.encode())
         if self.train:
-            seed = int(np.random.default_rng([self.config.seed, self.epoch, name_hash]).integers(2 ** 31 - 1))
+            seed = int(np.random.default_rng([self.options.seed, self.epoch, name_hash]).integers(2 ** 31 - 1))
             rng = np.random.default_rng(seed)
         else:
             seed = None
-            rng = np.random.default_rng([self.config.seed, name_hash])
+            rng = np.random.default_rng([self.options.seed, name_hash])
         resized = self.resized_cache.get(index)
         if resized is None:
             resized = self.load_resized(index)
-            if self.config.cache_images:
+            if self.options.cache_images:
                 self.resized_cache[index] = resized
         image, mask, original_hw = resized
         if self.augment is not None:
@@ -214,17 +209,17 @@ class SegmentationDataset(Dataset):
             "name": record.name,
             "image_path": record.image_path,
         }
-        add_prompts(sample, mask, valid_hw, self.config, rng, self.train)
+        add_prompts(sample, mask, valid_hw, self.options, rng, self.train)
         return sample
 
 
-def add_prompts(sample: dict, mask: np.ndarray, valid_hw, config: Config, rng: np.random.Generator,
+def add_prompts(sample: dict, mask: np.ndarray, valid_hw, options: DataOptions, rng: np.random.Generator,
                 train: bool) -> None:
-    if config.prompt == "click":
-        points, labels = click_prompts(mask, valid_hw, config.n_points, config.n_neg_points, rng, train)
+    if options.prompt == "click":
+        points, labels = click_prompts(mask, valid_hw, options.n_points, options.n_neg_points, rng, train)
         sample["points"] = torch.from_numpy(points)
         sample["point_labels"] = torch.from_numpy(labels)
-    elif config.prompt == "box":
+    elif options.prompt == "box":
         sample["boxes"] = torch.from_numpy(box_prompts(mask, valid_hw, rng, train))
 
 

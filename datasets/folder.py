@@ -10,10 +10,10 @@ from typing import Optional
 
 import numpy as np
 
-from cfg import Config
 from common.errors import UserError
 
 from .base import Layout, MaskCodec, Record
+from .options import DataOptions
 from .io import list_images, pair_by_stem, read_mask, relative_key
 
 MAX_LABEL = 3
@@ -100,8 +100,8 @@ def _noisy_binary(arr: np.ndarray) -> bool:
     return int(arr.max()) >= 225 and middle <= 0.02 * arr.size
 
 
-def detect(config: Config) -> Layout:
-    root = Path(config.data_path)
+def detect(options: DataOptions) -> Layout:
+    root = Path(options.data_path)
     found = find_split_folders(root)
     if found is None:
         raise UserError(f"-data_path {root} holds no folder layout: tried {root}/train/images + "

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cfg import Config
 from common.errors import UserError
 
 from . import transforms
-from .io import image_hw, list_images, read_image
+from .io import list_images, read_image
 
 
 def read_boxes(path: Path, images: list[Path]) -> dict[str, np.ndarray]:
@@ -53,24 +53,21 @@ def read_boxes(path: Path, images: list[Path]) -> dict[str, np.ndarray]:
 
 
 class ImageFolderDataset(Dataset):
-    def __init__(self, config: Config, num_classes: int):
-        folder = Path(config.images)
+    """Every image of `folder` as an unlabelled sample at S = image_size, with `boxes` (CSV) if given."""
+
+    def __init__(self, folder: str, image_size: int, num_classes: int, boxes: Optional[str] = None):
+        folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"-images {folder} is not a folder: give a folder of images")
         self.paths = list_images(folder)
         if not self.paths:
             raise UserError(f"-images {folder} holds no images (.png/.jpg/.bmp/.tif): fix the path")
-        self.hw = [image_hw(p) for p in self.paths]
-        self.size = config.image_size
+        self.size = image_size
         self.num_classes = num_classes
-        self.boxes = read_boxes(Path(config.boxes), self.paths) if config.boxes else None
+        self.boxes = read_boxes(Path(boxes), self.paths) if boxes else None
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    @property
-    def names(self) -> list[str]:
-        return [p.stem for p in self.paths]
 
     def load_image(self, index: int) -> np.ndarray:
         """The original H x W x 3 uint8 RGB image."""
@@ -98,6 +95,7 @@ class ImageFolderDataset(Dataset):
         return sample
 
 
-def build_image_folder(config: Config, num_classes: int) -> ImageFolderDataset:
+def build_image_folder(folder: str, image_size: int, num_classes: int,
+                       boxes: Optional[str] = None) -> ImageFolderDataset:
     """The -images folder as a Dataset of unlabelled samples (see the module docstring for the keys)."""
-    return ImageFolderDataset(config, num_classes)
+    return ImageFolderDataset(folder, image_size, num_classes, boxes)

@@ -17,10 +17,10 @@ from typing import Optional
 
 import numpy as np
 
-from cfg import Config
 from common.errors import UserError
 
 from .base import Layout, NestedCodec, Record
+from .options import DataOptions
 from .folder import pairs_to_records
 from .io import binary_mask, list_images, pair_by_stem, read_mask, read_pair_csv
 
@@ -72,24 +72,25 @@ def _isbi2016(root: Path) -> Optional[Layout]:
     return Layout(f"ISBI 2016 ISIC Part 1 ({how}) in {root}", BinaryCodec(), train, None, test)
 
 
-def _isic2017(root: Path) -> Optional[Layout]:
-    if not (root / "ISIC-2017_Training_Data").is_dir():
-        return None
-    parts = {split: _folder_pair(root, f"ISIC-2017_{tag}_Data", f"ISIC-2017_{tag}_Part1_GroundTruth",
-                                 split == "train")
-             for split, tag in (("train", "Training"), ("val", "Validation"), ("test", "Test_v2"))}
-    return Layout(f"ISIC 2017 Task 1 (ISIC-2017_{{Training,Validation,Test_v2}}_Data/ + _Part1_GroundTruth/) "
-                  f"in {root}", BinaryCodec(), **parts)
+# ISIC challenge releases: (name, marker folder, image folder, mask folder, split tags, description);
+# the folders are patterns over the split tag
+ISIC_RELEASES = (
+    ("ISIC 2017 Task 1", "ISIC-2017_Training_Data", "ISIC-2017_{}_Data", "ISIC-2017_{}_Part1_GroundTruth",
+     ("Training", "Validation", "Test_v2"), "ISIC-2017_{Training,Validation,Test_v2}_Data/ + _Part1_GroundTruth/"),
+    ("ISIC 2018 Task 1", "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1-2_{}_Input",
+     "ISIC2018_Task1_{}_GroundTruth", ("Training", "Validation", "Test"),
+     "ISIC2018_Task1-2_{Training,Validation,Test}_Input/ + ISIC2018_Task1_*_GroundTruth/"),
+)
 
 
-def _isic2018(root: Path) -> Optional[Layout]:
-    if not (root / "ISIC2018_Task1-2_Training_Input").is_dir():
-        return None
-    parts = {split: _folder_pair(root, f"ISIC2018_Task1-2_{tag}_Input", f"ISIC2018_Task1_{tag}_GroundTruth",
-                                 split == "train")
-             for split, tag in (("train", "Training"), ("val", "Validation"), ("test", "Test"))}
-    return Layout(f"ISIC 2018 Task 1 (ISIC2018_Task1-2_{{Training,Validation,Test}}_Input/ + "
-                  f"ISIC2018_Task1_*_GroundTruth/) in {root}", BinaryCodec(), **parts)
+def _isic_release(root: Path) -> Optional[Layout]:
+    for name, marker, images, masks, tags, folders in ISIC_RELEASES:
+        if not (root / marker).is_dir():
+            continue
+        parts = {split: _folder_pair(root, images.format(tag), masks.format(tag), split == "train")
+                 for split, tag in zip(("train", "val", "test"), tags)}
+        return Layout(f"{name} ({folders}) in {root}", BinaryCodec(), **parts)
+    return None
 
 
 def _split_csvs(root: Path) -> Optional[Layout]:
@@ -100,9 +101,9 @@ def _split_csvs(root: Path) -> Optional[Layout]:
     return Layout(f"split folders with listings {listed} (columns image,mask) in {root}", BinaryCodec(), **parts)
 
 
-def detect(config: Config) -> Layout:
-    root = Path(config.data_path)
-    for finder in (_isbi2016, _isic2017, _isic2018, _split_csvs):
+def detect(options: DataOptions) -> Layout:
+    root = Path(options.data_path)
+    for finder in (_isbi2016, _isic_release, _split_csvs):
         layout = finder(root)
         if layout is not None:
             return layout

@@ -20,10 +20,10 @@ from typing import Optional
 
 import numpy as np
 
-from cfg import Config
 from common.errors import UserError
 
 from .base import Layout, MaskCodec, NestedCodec, Record
+from .options import DataOptions
 from .folder import find_split_folders, pairs_to_records
 from .io import binary_mask, list_images, pair_by_stem, read_mask, relative_key
 
@@ -181,9 +181,9 @@ def _multi_rater(root: Path, policy: str) -> Optional[Layout]:
                   RaterCodec(policy), train, None, test)
 
 
-def detect(config: Config) -> Layout:
-    root = Path(config.data_path)
-    layout = _challenge(root) or _multi_rater(root, config.rater_policy)
+def detect(options: DataOptions) -> Layout:
+    root = Path(options.data_path)
+    layout = _challenge(root) or _multi_rater(root, options.rater_policy)
     if layout is None:
         found = find_split_folders(root)
         if found is None:
@@ -191,8 +191,8 @@ def detect(config: Config) -> Layout:
         where = "split folders train/val/test/{images,masks}" if (root / "train").is_dir() else \
             "flat images/ + masks/"
         layout = Layout(f"REFUGE masks in {where} in {root}", RefugeCodec(), **found)
-    if config.rater_policy != "majority" and not isinstance(layout.codec, RaterCodec):
-        raise UserError(f"-rater_policy {config.rater_policy} needs the multi-rater layout "
+    if options.rater_policy != "majority" and not isinstance(layout.codec, RaterCodec):
+        raise UserError(f"-rater_policy {options.rater_policy} needs the multi-rater layout "
                         f"(Training-400/<name>/<name>_seg_cup_1.png ...), but {root} has one mask per image: "
                         f"drop -rater_policy")
     return layout

@@ -11,9 +11,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from cfg import Config
 
 from .base import Layout, NestedCodec, Record
+from .options import DataOptions
 
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 
@@ -67,15 +67,15 @@ def make_sample(rng: np.random.Generator, classes: int) -> tuple[np.ndarray, np.
     return np.clip(image, 0, 255).astype(np.uint8), level
 
 
-def detect(config: Config) -> Layout:
-    classes = config.synthetic_classes
-    count = {"train": config.synthetic_size, "val": max(1, config.synthetic_size // 4),
-             "test": max(1, config.synthetic_size // 4)}
+def detect(options: DataOptions) -> Layout:
+    classes = options.synthetic_classes
+    count = {"train": options.synthetic_size, "val": max(1, options.synthetic_size // 4),
+             "test": max(1, options.synthetic_size // 4)}
     splits = {}
     for split, stream in SPLIT_STREAMS.items():
         records = []
         for i in range(count[split]):
-            rng = np.random.default_rng([config.seed, stream, i, classes])
+            rng = np.random.default_rng([options.seed, stream, i, classes])
             image, level = make_sample(rng, classes)
             name = f"synthetic_{split}_{i:04d}"
             records.append(Record(name=name, key=name, image_path=f"synthetic/{split}/{name}.png",
@@ -83,5 +83,5 @@ def detect(config: Config) -> Layout:
         splits[split] = records
     names = ["lesion"] if classes == 1 else ["outer", "inner"]
     what = "lesion-like blobs" if classes == 1 else "nested outer/inner blobs (disc/cup-like)"
-    return Layout(description=f"synthetic {what} generated from seed {config.seed} (no files)",
+    return Layout(description=f"synthetic {what} generated from seed {options.seed} (no files)",
                   codec=NestedCodec(names), **splits)

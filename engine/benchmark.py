@@ -5,7 +5,6 @@ matmul reference that the achieved GFLOP/s are compared with is measured in the 
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import statistics
@@ -17,14 +16,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfg import Config
+from common.tables import markdown_table
 from models.merge import merge_adapters
+from models.modes import get_mode
 from models.segmenter import Prompts
 
 from .checkpoints import save_weights
 from .loss import PerClassDiceCE
 from .runtime import PeakMemory, resolve_device, synchronize
-from .session import build_model
-from .trainer import autocast_context
+from .session import build_base, build_model
+from .evaluation import autocast_context
 
 COLUMNS = ("net", "encoder", "mod", "amp", "grad_ckpt", "image_size", "batch", "trainable_params", "total_params",
            "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
@@ -108,7 +109,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "weights.safetensors"
-        save_weights(path, model, config.mod == "sam_full", {})
+        save_weights(path, model, get_mode(config.mod).saves_all, {})
         ckpt_mb = path.stat().st_size / 2 ** 20
 
     model.eval()
@@ -119,8 +120,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
         if adaptation.tuner is not None:
             merge_adapters(adaptation)
             merged_ms = infer(model)
-        base, _ = build_model(dataclasses.replace(config, mod="sam_decoder", grad_ckpt=False), 1, 1, device,
-                              verbose=False)
+        base = build_base(config, 1).to(device)
         base_ms = infer(base.eval())
     return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "amp": config.amp,
             "grad_ckpt": config.grad_ckpt, "image_size": config.image_size, "batch": config.b,
@@ -160,12 +160,14 @@ def format_row(row: dict) -> str:
     return " ".join(f"{k}={row.get(k)}" for k in COLUMNS)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join("" if row.get(k) is None else f"{row.get(k):,}" if isinstance(row.get(k), int)
-                                and not isinstance(row.get(k), bool) else str(row.get(k)) for k in COLUMNS) + " |"
-              for row in rows]
-    return "\n".join(lines)
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def benchmark_table(rows: list[dict]) -> str:
+    return markdown_table(COLUMNS, ([_cell(row.get(k)) for k in COLUMNS] for row in rows))
 
 
 def machine_description(device: torch.device) -> str:

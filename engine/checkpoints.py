@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from common.errors import UserError
+from models.state_dicts import key_differences
 
 CONFIG, SPLITS, LAST_STATE = "config.json", "splits.json", "last.pt"
 
@@ -55,13 +56,9 @@ def load_weights(path: Path, model: nn.Module, full: bool) -> None:
         tensors = load_file(str(path))
     except Exception as error:
         raise UserError(f"{path} is not a readable safetensors file ({error})") from None
-    expected = changed_tensors(model, full)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
-        raise UserError(f"{path} does not fit the model described by its config.json: {detail}")
+    problems = key_differences(changed_tensors(model, full), tensors)
+    if problems:
+        raise UserError(f"{path} does not fit the model described by its config.json: {'; '.join(problems)}")
     own = model.state_dict()
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=False)
 

@@ -16,8 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cfg import LORA_MODES, VAL, ZERO_SHOT, Config  # noqa: E402
+from cfg import VAL, ZERO_SHOT, Config  # noqa: E402
+from models.modes import get_mode, mode_options  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.tables import markdown_table  # noqa: E402
 
 from .checkpoints import CONFIG, LAST_STATE  # noqa: E402
 
@@ -27,14 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def applies_to(flag_name: str, mode: str) -> bool:
     """Whether a mode-specific flag means anything for `mode` (compare passes it only there)."""
-    if flag_name.startswith("lora_"):
-        return mode in LORA_MODES
-    if flag_name.startswith("adalora_"):
-        return mode == "sam_adalora"
-    if flag_name == "mid_dim":
-        return mode not in ("sam_full", "sam_decoder")
-    if flag_name == "grad_ckpt":
-        return mode != "sam_decoder"
+    spec = get_mode(mode)
+    if flag_name in mode_options():
+        return flag_name in spec.options
+    if flag_name in ("grad_ckpt", "cache_embeddings"):
+        return spec.trains_encoder == (flag_name == "grad_ckpt")
     return True
 
 
@@ -149,14 +148,14 @@ def markdown(rows: list[dict], class_keys: list[str]) -> str:
         return f"{row[key]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
     headers = ["mode", *class_keys, "trainable", "share %", "ckpt MB", "s/step", "img/s", "peak MB", "wall min"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        shown = lambda key, spec: "-" if row[key] is None else format(row[key], spec)  # noqa: E731
-        cells = [row["mode"], *[metric(row, key) for key in class_keys], f"{row['trainable_params']:,}",
-                 f"{row['trainable_share_pct']:.2f}", f"{row['ckpt_mb']:.2f}", shown("sec_per_step", ".3f"),
-                 shown("images_per_s", ".2f"), shown("peak_mem_mb", ".0f"), shown("wall_min", ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def shown(row, key, spec):
+        return "-" if row[key] is None else format(row[key], spec)  # zero-shot: nothing trained
+
+    return markdown_table(headers, ([row["mode"], *[metric(row, key) for key in class_keys],
+                                     f"{row['trainable_params']:,}", f"{row['trainable_share_pct']:.2f}",
+                                     f"{row['ckpt_mb']:.2f}", shown(row, "sec_per_step", ".3f"),
+                                     shown(row, "images_per_s", ".2f"), shown(row, "peak_mem_mb", ".0f"),
+                                     shown(row, "wall_min", ".1f")] for row in rows))
 
 
 def write_outputs(runs: list[dict], out_dir: Path) -> str:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from cfg import Config
 
-from .trainer import predict_logits
+from .evaluation import predict_logits
 
 CLASS_COLOURS = ((255, 64, 64), (64, 160, 255), (80, 220, 80))  # RGB per class
 

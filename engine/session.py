@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from cfg import ZERO_SHOT, Config, experiment_name
-from datasets import DataBundle, build_datasets
 from common.errors import UserError
+from datasets import DataBundle, DataOptions, build_datasets
 from models import build_segmenter
 from models.packaged import file_sha256
 from models.registry import RANDOM, base_checkpoint
 from models.activation_checkpointing import enable_activation_checkpointing
-from models.modes import Adaptation, apply_mode, parameter_table
+from models.modes import apply_mode, get_mode
+from models.modes.adaptation import Adaptation, parameter_table
 from models.segmenter import PromptableSegmenter
 
 from . import checkpoints
@@ -33,16 +34,11 @@ def build_model(config: Config, num_classes: int, total_steps: int, device: torc
 
     The random base is drawn right after seeding with config.seed, so val.py rebuilds the same one.
     """
-    seed_everything(config.seed)
-    checkpoint = base_checkpoint(config.net, config.encoder, config.sam_ckpt)
-    model = build_segmenter(config.net, config.encoder, config.image_size, num_classes, checkpoint=checkpoint)
-    if verbose:
-        print(f"{config.net} ({config.encoder}) at {config.image_size}px, {num_classes} class(es): "
-              f"{describe_base(config, checkpoint)}")
+    model = build_base(config, num_classes, verbose)
     if config.mod == ZERO_SHOT:
         model.requires_grad_(False)
         return model.to(device), Adaptation(ZERO_SHOT)
-    adaptation = apply_mode(model, config, total_steps)
+    adaptation = apply_mode(model, config.mod, total_steps, **mode_options(config))
     if config.grad_ckpt:
         enable_activation_checkpointing(model)
     return model.to(device), adaptation
@@ -78,9 +74,25 @@ def check_base_identity(saved: Optional[dict], config: Config) -> None:
                         f"is now {now}: restore that file or pass it with -sam_ckpt")
 
 
+def mode_options(config: Config) -> dict:
+    """The options the run's mode declares, with their values in `config`."""
+    return {name: getattr(config, name) for name in get_mode(config.mod).options}
+
+
+def build_base(config: Config, num_classes: int, verbose: bool = False) -> PromptableSegmenter:
+    """The base net alone (no mode applied, on the CPU): what `build_model` adapts."""
+    seed_everything(config.seed)
+    checkpoint = base_checkpoint(config.net, config.encoder, config.sam_ckpt)
+    model = build_segmenter(config.net, config.encoder, config.image_size, num_classes, checkpoint=checkpoint)
+    if verbose:
+        print(f"{config.net} ({config.encoder}) at {config.image_size}px, {num_classes} class(es): "
+              f"{describe_base(config, checkpoint)}")
+    return model
+
+
 def format_parameter_table(model: torch.nn.Module, mode: str) -> str:
     lines = [f"trainable parameters ({mode}):", f"  {'part':<17}{'trainable':>13}{'total':>13}{'share':>9}"]
-    for part, trainable, total in parameter_table(model):
+    for part, trainable, total in parameter_table(model, get_mode(mode).adapter_prefix):
         share = f"{100 * trainable / total:.2f}%" if total else "-"
         lines.append(f"  {part:<17}{trainable:>13,}{total:>13,}{share:>9}")
     return "\n".join(lines)
@@ -92,7 +104,7 @@ def run_folders(config: Config) -> tuple[Path, Path]:
 
 
 def load_data(config: Config, splits: Optional[dict] = None, verbose: bool = True) -> DataBundle:
-    data = build_datasets(config, splits)
+    data = build_datasets(DataOptions.pick(config), splits)
     if verbose:
         sizes = f"train {len(data.train)}, val {len(data.val)}" + (f", test {len(data.test)}" if data.test else "")
         print(f"dataset {config.dataset}: {data.layout}; {sizes}; classes {', '.join(data.class_names)}")

@@ -4,61 +4,28 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cfg import Config
-from common.errors import UserError
-from models.modes import Adaptation
-from models.segmenter import PromptableSegmenter, Prompts
+from models.modes import get_mode
+from models.modes.adaptation import Adaptation
+from models.segmenter import PromptableSegmenter
 
 from . import checkpoints
+from .evaluation import autocast_context, evaluate, predict_logits, resize_target
 from .logbook import TensorBoardLog, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
-from .metrics import MetricAccumulator, valid_region
 from .runtime import PeakMemory, Runtime, synchronize
-from .sampler import EpochShuffleSampler, ShardSampler
-
-
-def prompts_from_batch(batch: dict, device: torch.device) -> Prompts:
-    """The prompts a dataset batch carries (click points, boxes, or none)."""
-    return Prompts(points=batch.get("points"), point_labels=batch.get("point_labels"),
-                   boxes=batch.get("boxes")).to(device)
-
-
-def autocast_context(amp: str, device: torch.device):
-    if amp == "none":
-        return nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("-amp fp16 needs CUDA; use -amp bf16 on CPU")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def predict_logits(model: nn.Module, batch: dict, device: torch.device, amp: str, size: int,
-                   embeddings: Optional[Tensor] = None) -> Tensor:
-    """Float32 logits at size x size for a batch (images 0..255, S x S), or from cached embeddings."""
-    images = None if embeddings is not None else batch["image"].to(device, non_blocking=True)
-    with autocast_context(amp, device):
-        logits, _ = model(images, prompts_from_batch(batch, device), embeddings=embeddings,
-                          valid_hw=batch["valid_hw"].to(device))
-    return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
-
-
-def resize_target(mask: Tensor, size: int) -> Tensor:
-    if mask.shape[-1] == size:
-        return mask
-    return F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False)
+from .sampler import EpochShuffleSampler
 
 
 def learning_rate_factor(schedule: str, step: int, total: int) -> float:
@@ -92,31 +59,6 @@ def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
                 p.requires_grad for p in module.parameters()):
             module.eval()
-
-
-@torch.no_grad()
-def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runtime: Runtime,
-             class_names: list[str], desc: str = "eval") -> dict[str, float]:
-    """Dice/IoU per class (and vCDR error for disc+cup) over `dataset`, summed over all processes."""
-    was_training = model.training
-    model.eval()
-    size = config.out_size or config.image_size
-    loader = DataLoader(dataset, batch_size=config.b, sampler=ShardSampler(len(dataset), runtime.rank,
-                                                                           runtime.world_size),
-                        num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
-    metrics = MetricAccumulator(class_names)
-    progress_off = None if runtime.is_main else True  # None: off when output is not a terminal
-    for batch in tqdm(loader, desc=desc, leave=False, disable=progress_off):
-        logits = predict_logits(model, batch, runtime.device, config.amp, size)
-        target = resize_target(batch["mask"].to(runtime.device), size)
-        metrics.update(logits, target, valid_region(batch["valid_hw"].to(runtime.device), size,
-                                                    config.image_size))
-    if runtime.distributed:
-        flat = metrics.state_tensor().to(runtime.device)
-        dist.all_reduce(flat)
-        metrics.load_state_tensor(flat.cpu())
-    model.train(was_training)
-    return metrics.summary()
 
 
 class IndexedDataset(Dataset):
@@ -162,6 +104,7 @@ class Trainer:
                                            runtime.rank, runtime.world_size)
         self.total_steps = self.sampler.steps_per_epoch() * config.epochs
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.saves_all = get_mode(config.mod).saves_all  # full fine-tuning: checkpoints hold every tensor
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(config.sched, step, self.total_steps))
@@ -193,8 +136,7 @@ class Trainer:
     def _save_last(self) -> None:
         if not self.runtime.is_main:
             return
-        full = self.config.mod == "sam_full"
-        state = {"model": checkpoints.changed_tensors(self.model, full), "optimizer": self.optimizer.state_dict(),
+        state = {"model": checkpoints.changed_tensors(self.model, self.saves_all), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "adaptation": self.adaptation.state_dict(), "train_state": vars(self.state).copy(),
                  "rng": rng_state()}
@@ -203,7 +145,7 @@ class Trainer:
     def _save_weights(self, name: str) -> None:
         if self.runtime.is_main:
             metadata = {"net": self.config.net, "encoder": self.config.encoder, "mod": self.config.mod}
-            checkpoints.save_weights(self.run_dir / name, self.model, self.config.mod == "sam_full", metadata)
+            checkpoints.save_weights(self.run_dir / name, self.model, self.saves_all, metadata)
 
     # ----------------------------------------------------------------------------- training
     @torch.no_grad()

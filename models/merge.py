@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from common.errors import UserError
-
-from .modes import Adaptation
+from .modes import get_mode
+from .modes.adaptation import Adaptation
 from .registry import net_entry
 
 
 def merge_adapters(adaptation: Adaptation) -> None:
-    """Merge the peft tuner into the encoder in place; afterwards no adapter code runs."""
-    if adaptation.mode == "sam_adpt":
-        raise UserError("-mod sam_adpt cannot be merged: its Adapters apply a GELU between their projections, so "
-                        "they are not a linear update of any base weight; evaluate without -merge")
+    """Merge the peft tuner into the encoder in place; afterwards no adapter code runs.
+
+    Raises ValueError for a mode whose weights are not a linear update of the base weights."""
+    if not get_mode(adaptation.mode).mergeable:
+        raise ValueError(f"mode {adaptation.mode} cannot be merged: its adapters are not a linear update of any "
+                         f"base weight (a nonlinearity sits between their projections); evaluate it unmerged")
     if adaptation.tuner is not None:
         adaptation.tuner.merge_and_unload()
         adaptation.tuner = None

@@ -28,5 +28,5 @@ def build_mobile_sam(image_size: int, num_classes: int, **overrides) -> SamStyle
     return SamStyleSegmenter(encoder, TINY_VIT_TARGETS, image_size, num_classes)
 
 
-register_net("mobile_sam", "tiny_vit", build_mobile_sam, default=True,
+register_net("mobile_sam", "tiny_vit", build_mobile_sam, default=True, adapt_targets=TINY_VIT_TARGETS,
              checkpoint_format="MobileSAM mobile_sam.pt: a flat state_dict")

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from common.errors import UserError
 
 from .packaged import PackagedCheckpoint
-from .segmenter import PromptableSegmenter
+from .segmenter import AdaptTargets, PromptableSegmenter
+from .state_dicts import key_differences
 
 StateDict = dict[str, Tensor]
 Builder = Callable[..., PromptableSegmenter]  # (image_size, num_classes, **arch_overrides)
@@ -27,6 +28,7 @@ class NetEntry:
     checkpoint_format: str
     unwrap_key: Optional[str]  # the official file holds its state_dict under this key (None: flat)
     size_multiple: int
+    adapt_targets: Optional[AdaptTargets] = None  # where the modes act in its encoder (-lora_conv needs convs)
     packaged: Optional[PackagedCheckpoint] = None  # pretrained weights installed with a package: the default base
 
 
@@ -37,23 +39,36 @@ _DEFAULT_ENCODER: dict[str, str] = {}
 def register_net(net: str, encoder: str, build: Builder, *, checkpoint_format: str,
                  checkpoint_filter: Optional[CheckpointFilter] = None, unwrap_key: Optional[str] = None,
                  size_multiple: int = 16, default: bool = False,
-                 packaged: Optional[PackagedCheckpoint] = None) -> None:
+                 adapt_targets: Optional[AdaptTargets] = None, packaged: Optional[PackagedCheckpoint] = None) -> None:
     _NETS[(net, encoder)] = NetEntry(net, encoder, build, checkpoint_filter, checkpoint_format, unwrap_key,
-                                     size_multiple, packaged)
+                                     size_multiple, adapt_targets, packaged)
     if default:
         _DEFAULT_ENCODER[net] = encoder
 
 
+def load_nets() -> None:
+    """Import the net modules (each registers its nets on import); cheap after the first call."""
+    import importlib
+
+    from . import NET_MODULES
+
+    for module in NET_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+
+
 def net_names() -> list[str]:
+    load_nets()
     return sorted({net for net, _ in _NETS})
 
 
 def encoder_names(net: str) -> list[str]:
+    load_nets()
     return sorted(enc for n, enc in _NETS if n == net)
 
 
 def resolve_encoder(net: str, encoder: str) -> str:
     """'default' -> the net's default encoder; unknown names raise UserError."""
+    load_nets()
     if net not in _DEFAULT_ENCODER:
         raise UserError(f"-net {net} is unknown; choose one of {', '.join(net_names())}")
     encoder = _DEFAULT_ENCODER[net] if encoder == "default" else encoder
@@ -117,13 +132,8 @@ def load_official_checkpoint(model: nn.Module, path: str, entry: NetEntry) -> No
     if entry.checkpoint_filter is not None:
         state_dict = entry.checkpoint_filter(state_dict, model)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong_shape:
-        problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape))
-                    if keys]
+    problems = key_differences(expected, state_dict)
+    if problems:
         raise UserError(f"checkpoint {path} does not fit -net {entry.net} -encoder {entry.encoder} "
                         f"({entry.checkpoint_format}): {'; '.join(problems)}; pass the matching -net/-encoder")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)

@@ -99,4 +99,4 @@ def resize_sam_position_tables(state_dict: dict[str, Tensor], model: nn.Module) 
 for _name in SAM_VIT_ARCHS:
     register_net("sam", _name, partial(build_sam_vit, _name), checkpoint_filter=resize_sam_position_tables,
                  checkpoint_format="segment-anything sam_vit_*.pth: a flat state_dict",
-                 default=_name == "vit_b")
+                 default=_name == "vit_b", adapt_targets=SAM_VIT_TARGETS)

@@ -10,6 +10,8 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import Tensor
 
+from .decoder_tokens import query_tokens
+
 EMBED_DIM = 256
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -20,12 +22,7 @@ class BatchedMaskDecoder(MaskDecoder):
 
     def predict_masks(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
                       dense_prompt_embeddings: Tensor) -> tuple[Tensor, Tensor]:
-        queries = sparse_prompt_embeddings.shape[0]
-        if image_embeddings.shape[0] != queries:
-            raise ValueError(f"{image_embeddings.shape[0]} embeddings for {queries} queries")
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(queries, -1, -1).to(sparse_prompt_embeddings.dtype),
-                            sparse_prompt_embeddings], dim=1)
+        tokens = query_tokens(self.iou_token, self.mask_tokens, image_embeddings, sparse_prompt_embeddings)
         image = image_embeddings + dense_prompt_embeddings
         batch, channels, height, width = image.shape
         hidden, image = self.transformer(image, image_pe.expand(batch, -1, -1, -1), tokens)

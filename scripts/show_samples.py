@@ -19,12 +19,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     import torch
 
     from cfg import parse_args
-    from datasets import build_datasets
+    from datasets import DataOptions, build_datasets
     from engine.overlays import save_overlay_grid
 
     config, _ = parse_args("train", argv)
     torch.manual_seed(config.seed)
-    data = build_datasets(config)
+    data = build_datasets(DataOptions.pick(config))
     print(f"dataset {config.dataset}: {data.layout}; classes {', '.join(data.class_names)}")
     count = min(8, len(data.train))
     picks = torch.linspace(0, len(data.train) - 1, count).round().long().tolist()

@@ -40,16 +40,17 @@ import numpy as np  # noqa: E402
 
 
 @pytest.fixture
-def make_config():
-    """Config factory with small, fast defaults for data tests: make_config(dataset=..., data_path=...)."""
+def make_options():
+    """DataOptions factory with small, fast defaults for data tests: make_options(dataset=..., data_path=...)."""
     from cfg import Config
+    from datasets import DataOptions
 
     def make(**overrides):
         values = dict(image_size=32, synthetic_size=8, aug="none", seed=0)
         values.update(overrides)
         if values.get("data_path") is not None:
             values["data_path"] = str(values["data_path"])
-        return Config(**values)
+        return DataOptions.pick(Config(**values))
 
     return make
 

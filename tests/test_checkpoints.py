@@ -113,7 +113,7 @@ def test_save_load_round_trip_full(tmp_path):
 def test_load_weights_shape_mismatch_names_the_path(tmp_path):
     path = tmp_path / "best.safetensors"
     save_weights(path, tiny_model(0, hidden=4), full=False, metadata={})
-    with pytest.raises(UserError, match="wrong shape") as error:
+    with pytest.raises(UserError, match="shape mismatch") as error:
         load_weights(path, tiny_model(0, hidden=5), full=False)
     assert str(path) in str(error.value)
 

@@ -106,8 +106,8 @@ def message(excinfo) -> str:
 
 # --- synthetic and the sample contract -----------------------------------------------------------
 
-def test_synthetic_counts_keys_and_determinism(make_config):
-    config = make_config(synthetic_size=8)
+def test_synthetic_counts_keys_and_determinism(make_options):
+    config = make_options(synthetic_size=8)
     first, second = build_datasets(config), build_datasets(config)
     assert (len(first.train), len(first.val), len(first.test)) == (8, 2, 2)
     assert first.num_classes == 1 and first.class_names == ["lesion"]
@@ -129,25 +129,25 @@ def test_synthetic_counts_keys_and_determinism(make_config):
     assert batch["image"].shape == (4, 3, 32, 32) and len(batch["name"]) == 4
 
 
-def test_synthetic_two_nested_classes_and_prompt_keys(make_config):
-    data = build_datasets(make_config(synthetic_classes=2, prompt="box", image_size=64))
+def test_synthetic_two_nested_classes_and_prompt_keys(make_options):
+    data = build_datasets(make_options(synthetic_classes=2, prompt="box", image_size=64))
     assert data.num_classes == 2
     for i in range(len(data.train)):
         sample = data.train[i]
         mask = sample["mask"]
         assert mask[1].sum() > 0 and bool((mask[1] <= mask[0]).all())
         assert sample["boxes"].shape == (2, 4) and "points" not in sample
-    none = build_datasets(make_config(prompt="none")).train[0]
+    none = build_datasets(make_options(prompt="none")).train[0]
     assert not {"points", "point_labels", "boxes"} & set(none)
 
 
-def test_padding_and_valid_hw(tmp_path, make_config, fake):
+def test_padding_and_valid_hw(tmp_path, make_options, fake):
     root = tmp_path / "data"
     fake.image(root / "images" / "tall.png", height=40, width=20, seed=1)
     fake.mask(root / "masks" / "tall.png", fake.rect(40, 20, box=(0, 0, 40, 20)))
     fake.image(root / "images" / "wide.png", height=20, width=40, seed=2)
     fake.mask(root / "masks" / "wide.png", fake.rect(20, 40, box=(0, 0, 20, 40)))
-    data = build_datasets(make_config(dataset="folder", data_path=root, val_frac=0.5))
+    data = build_datasets(make_options(dataset="folder", data_path=root, val_frac=0.5))
     for sample in (data.train[0], data.val[0]):
         h, w = sample["valid_hw"].tolist()
         assert sorted((h, w)) == [16, 32]
@@ -156,8 +156,8 @@ def test_padding_and_valid_hw(tmp_path, make_config, fake):
         assert float(sample["mask"][:, :h, :w].min()) == 1 and float(sample["mask"].sum()) == h * w
 
 
-def test_click_stays_inside_object_after_augmentation(make_config):
-    data = build_datasets(make_config(aug="strong", n_points=3, n_neg_points=2, synthetic_size=4, image_size=48))
+def test_click_stays_inside_object_after_augmentation(make_options):
+    data = build_datasets(make_options(aug="strong", n_points=3, n_neg_points=2, synthetic_size=4, image_size=48))
     for seed in range(40):
         data.train.set_epoch(seed)
         sample = data.train[seed % len(data.train)]
@@ -167,15 +167,15 @@ def test_click_stays_inside_object_after_augmentation(make_config):
             assert mask[int(y), int(x)] == (1 if label == 1 else 0)
 
 
-def test_boxes_follow_flips_and_resize(tmp_path, make_config, fake):
+def test_boxes_follow_flips_and_resize(tmp_path, make_options, fake):
     root = tmp_path / "data"
     for i in range(2):  # 40 x 20 image, object rows 10:20, columns 4:12 -> x 2..5.5, y 5..9.5 at scale 0.5
         fake.image(root / "images" / f"a{i}.png", height=20, width=40, seed=i)
         fake.mask(root / "masks" / f"a{i}.png", fake.rect(20, 40, box=(10, 4, 20, 12)))
-    config = make_config(dataset="folder", data_path=root, prompt="box", image_size=40, aug="light", val_frac=0.5)
+    config = make_options(dataset="folder", data_path=root, prompt="box", image_size=40, aug="light", val_frac=0.5)
     data = build_datasets(config)
     assert data.val[0]["boxes"].tolist() == [[4.0, 10.0, 11.0, 19.0]]  # exact, inclusive
-    small = build_datasets(make_config(dataset="folder", data_path=root, prompt="box", image_size=20, val_frac=0.5))
+    small = build_datasets(make_options(dataset="folder", data_path=root, prompt="box", image_size=20, val_frac=0.5))
     assert np.allclose(small.val[0]["boxes"].numpy(), [[2, 5, 5, 9]], atol=1)
     flips = {(4, 10, 11, 19), (28, 10, 35, 19), (4, 0, 11, 9), (28, 0, 35, 9)}
     seen = set()
@@ -191,8 +191,8 @@ def test_boxes_follow_flips_and_resize(tmp_path, make_config, fake):
     assert len(seen) >= 3
 
 
-def test_evaluation_prompts_identical_across_builds(make_config):
-    config = make_config(n_points=3, n_neg_points=2)
+def test_evaluation_prompts_identical_across_builds(make_options):
+    config = make_options(n_points=3, n_neg_points=2)
     first, second = build_datasets(config), build_datasets(config)
     for i in range(len(first.val)):
         a, b = first.val[i], second.val[i]
@@ -200,93 +200,93 @@ def test_evaluation_prompts_identical_across_builds(make_config):
         # the first click is an interior point: its 3x3 neighbourhood is foreground
         x, y = (int(v) for v in a["points"][0, 0])
         assert bool(a["mask"][0, y - 1:y + 2, x - 1:x + 2].all())
-    boxes = make_config(prompt="box")
+    boxes = make_options(prompt="box")
     assert torch.equal(build_datasets(boxes).test[1]["boxes"], build_datasets(boxes).test[1]["boxes"])
 
 
-def test_empty_class_gets_padding_click_and_whole_box(tmp_path, make_config, fake):
+def test_empty_class_gets_padding_click_and_whole_box(tmp_path, make_options, fake):
     root = tmp_path / "data"
     fake.image(root / "images" / "a.png", seed=1)
     fake.mask(root / "masks" / "a.png", fake.refuge())
     fake.image(root / "images" / "b.png", seed=2)
     fake.mask(root / "masks" / "b.png", np.where(fake.refuge() == 0, 128, fake.refuge()))  # no cup
-    config = make_config(dataset="refuge", data_path=root, val_frac=0.5, image_size=32)
+    config = make_options(dataset="refuge", data_path=root, val_frac=0.5, image_size=32)
     data = build_datasets(config, splits={"train": ["images/a.png"], "val": ["images/b.png"]})
     sample = data.val[0]
     assert sample["point_labels"][1].tolist() == [-1] and sample["point_labels"][0].tolist() == [1]
-    boxed = build_datasets(make_config(dataset="refuge", data_path=root, prompt="box"),
+    boxed = build_datasets(make_options(dataset="refuge", data_path=root, prompt="box"),
                            splits=data.splits)
     assert boxed.val[0]["boxes"][1].tolist() == [0, 0, 31, 23]
 
 
 # --- layouts -------------------------------------------------------------------------------------
 
-def test_folder_split_layout(tmp_path, make_config, fake):
+def test_folder_split_layout(tmp_path, make_options, fake):
     root = split_folders(tmp_path / "data", fake)
-    data = build_datasets(make_config(dataset="folder", data_path=root))
+    data = build_datasets(make_options(dataset="folder", data_path=root))
     assert (len(data.train), len(data.val), len(data.test)) == (4, 2, 2)
     assert "split folders train/val/test" in data.layout
     assert data.splits["val"] == ["val/images/val0.png", "val/images/val1.png"]
 
 
-def test_flat_holdout_reproducible_and_reused(tmp_path, make_config, fake):
+def test_flat_holdout_reproducible_and_reused(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "data", fake, count=10)
-    a = build_datasets(make_config(dataset="folder", data_path=root, seed=0))
-    b = build_datasets(make_config(dataset="folder", data_path=root, seed=0))
-    c = build_datasets(make_config(dataset="folder", data_path=root, seed=5))
+    a = build_datasets(make_options(dataset="folder", data_path=root, seed=0))
+    b = build_datasets(make_options(dataset="folder", data_path=root, seed=0))
+    c = build_datasets(make_options(dataset="folder", data_path=root, seed=5))
     assert a.test is None and "test" not in a.splits and "held out" in a.layout
     assert len(a.val) == 2 and len(a.train) == 8 and a.splits == b.splits
     assert c.splits["val"] != a.splits["val"]
-    reused = build_datasets(make_config(dataset="folder", data_path=root, seed=5),
+    reused = build_datasets(make_options(dataset="folder", data_path=root, seed=5),
                             splits=json.loads(json.dumps(a.splits)))
     assert reused.val.names == a.val.names and reused.train.names == a.train.names
-    limited = build_datasets(make_config(dataset="folder", data_path=root, max_train=3, max_eval=1))
+    limited = build_datasets(make_options(dataset="folder", data_path=root, max_train=3, max_eval=1))
     assert (len(limited.train), len(limited.val)) == (3, 1)
 
 
-def test_folder_label_masks_and_mask_suffix(tmp_path, make_config, fake):
+def test_folder_label_masks_and_mask_suffix(tmp_path, make_options, fake):
     root = tmp_path / "data"
     labels = np.zeros((24, 32), np.uint8)
     labels[2:10, 2:10], labels[12:20, 12:30] = 1, 2
     for i in range(3):
         fake.image(root / "train" / "images" / f"s{i}.jpg", seed=i)
         fake.mask(root / "train" / "masks" / f"s{i}_mask.png", labels)
-    data = build_datasets(make_config(dataset="folder", data_path=root, image_size=32))
+    data = build_datasets(make_options(dataset="folder", data_path=root, image_size=32))
     assert data.num_classes == 2 and data.class_names == ["class1", "class2"]
     mask = data.val[0]["mask"]
     assert float((mask[0] * mask[1]).sum()) == 0 and mask[0].sum() > 0 and mask[1].sum() > mask[0].sum()
 
 
 @pytest.mark.parametrize("with_csv", [True, False])
-def test_isic_isbi2016(tmp_path, make_config, fake, with_csv):
+def test_isic_isbi2016(tmp_path, make_options, fake, with_csv):
     root = isbi2016(tmp_path / "data", fake, with_csv=with_csv)
-    data = build_datasets(make_config(dataset="isic", data_path=root, val_frac=0.34))
+    data = build_datasets(make_options(dataset="isic", data_path=root, val_frac=0.34))
     assert "ISBI 2016" in data.layout and "held out" in data.layout
     assert ("GroundTruth.csv" in data.layout) == with_csv
     assert (len(data.train), len(data.val), len(data.test)) == (4, 2, 3)
     assert data.class_names == ["lesion"] and data.train[0]["mask"].max() == 1
 
 
-def test_isic_2017_and_2018(tmp_path, make_config, fake):
-    data = build_datasets(make_config(dataset="isic", data_path=isic2017(tmp_path / "a", fake)))
+def test_isic_2017_and_2018(tmp_path, make_options, fake):
+    data = build_datasets(make_options(dataset="isic", data_path=isic2017(tmp_path / "a", fake)))
     assert "ISIC 2017" in data.layout and (len(data.train), len(data.val), len(data.test)) == (4, 2, 3)
     assert not any("superpixels" in key for keys in data.splits.values() for key in keys)
-    data = build_datasets(make_config(dataset="isic", data_path=isic2018(tmp_path / "b", fake)))
+    data = build_datasets(make_options(dataset="isic", data_path=isic2018(tmp_path / "b", fake)))
     assert "ISIC 2018" in data.layout and (len(data.train), len(data.val), data.test) == (5, 2, None)
 
 
-def test_isic_split_csv_layout(tmp_path, make_config, fake):
+def test_isic_split_csv_layout(tmp_path, make_options, fake):
     root = split_folders(tmp_path / "data", fake, counts=(("train", 3), ("val", 2)), ext=".jpg")
     for split, count in (("train", 3), ("val", 2)):
         rows = ["image,mask"] + [f"{split}/images/{split}{i}.jpg,{split}/masks/{split}{i}.png" for i in range(count)]
         (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    data = build_datasets(make_config(dataset="isic", data_path=root))
+    data = build_datasets(make_options(dataset="isic", data_path=root))
     assert "train.csv/val.csv" in data.layout and (len(data.train), len(data.val), data.test) == (3, 2, None)
 
 
-def test_refuge_challenge_layout(tmp_path, make_config, fake):
+def test_refuge_challenge_layout(tmp_path, make_options, fake):
     root = refuge_challenge(tmp_path / "data", fake)
-    data = build_datasets(make_config(dataset="refuge", data_path=root))
+    data = build_datasets(make_options(dataset="refuge", data_path=root))
     assert "REFUGE challenge" in data.layout and "Test400/ has no ground truth" in data.layout
     assert (len(data.train), len(data.val), data.test) == (6, 2, None)
     assert data.class_names == ["disc", "cup"]
@@ -294,10 +294,10 @@ def test_refuge_challenge_layout(tmp_path, make_config, fake):
     assert mask[0].sum() == 16 * 20 and mask[1].sum() == 8 * 8 and bool((mask[1] <= mask[0]).all())
 
 
-def test_refuge_roi_crop(tmp_path, make_config, fake):
+def test_refuge_roi_crop(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "data", fake, count=4, mask=np.pad(fake.refuge(), ((40, 40), (40, 40)),
                                                                        constant_values=255))
-    data = build_datasets(make_config(dataset="refuge", data_path=root, roi_crop=True, image_size=32))
+    data = build_datasets(make_options(dataset="refuge", data_path=root, roi_crop=True, image_size=32))
     train, val = data.train[0], data.val[0]
     assert train["mask"][0].mean() > 3 * val["mask"][0].mean()  # the disc fills more of the crop
     assert train["original_hw"].tolist() == [104, 112]
@@ -305,9 +305,9 @@ def test_refuge_roi_crop(tmp_path, make_config, fake):
 
 @pytest.mark.parametrize("policy,disc_cols,soft", [("majority", 24, False), ("1", 22, False), ("3", 26, False),
                                                    ("mean", 26, True)])
-def test_refuge_multi_rater(tmp_path, make_config, fake, policy, disc_cols, soft):
+def test_refuge_multi_rater(tmp_path, make_options, fake, policy, disc_cols, soft):
     root = refuge_raters(tmp_path / "data", fake)
-    data = build_datasets(make_config(dataset="refuge", data_path=root, rater_policy=policy, val_frac=0.4))
+    data = build_datasets(make_options(dataset="refuge", data_path=root, rater_policy=policy, val_frac=0.4))
     assert "multi-rater" in data.layout and (len(data.train), len(data.val), len(data.test)) == (3, 2, 2)
     mask = data.test[0]["mask"]
     assert bool((mask[1] <= mask[0]).all())
@@ -319,38 +319,36 @@ def test_refuge_multi_rater(tmp_path, make_config, fake, policy, disc_cols, soft
         assert set(np.unique(mask.numpy())) <= {0.0, 1.0}
 
 
-def test_empty_training_masks_warn_and_skip(tmp_path, make_config, fake, capsys):
+def test_empty_training_masks_warn_and_skip(tmp_path, make_options, fake, capsys):
     root = flat_folder(tmp_path / "data", fake, count=4)
     for i in (0, 1, 2):
         fake.mask(root / "masks" / f"img{i:02d}.png", np.zeros((24, 32)))
     splits = {"train": [f"images/img{i:02d}.jpg" for i in range(3)] + ["images/img03.jpg"],
               "val": ["images/img03.jpg"]}
-    data = build_datasets(make_config(dataset="folder", data_path=root), splits=splits)
+    data = build_datasets(make_options(dataset="folder", data_path=root), splits=splits)
     assert len(data.train) == 1 and "skipped 3 of 4 training images with empty masks" in capsys.readouterr().out
-    kept = build_datasets(make_config(dataset="folder", data_path=root, prompt="none"), splits=splits)
+    kept = build_datasets(make_options(dataset="folder", data_path=root, prompt="none"), splits=splits)
     assert len(kept.train) == 4
 
 
-def test_image_folder_with_boxes(tmp_path, make_config, fake):
+def test_image_folder_with_boxes(tmp_path, make_options, fake):
     fake.image(tmp_path / "imgs" / "a.png", height=20, width=40)
     fake.image(tmp_path / "imgs" / "b.jpg", height=40, width=40)
     (tmp_path / "boxes.csv").write_text("image,x0,y0,x1,y1\na.png,4,2,20,10\nb,0,0,39,39\n")
-    config = make_config(images=str(tmp_path / "imgs"), boxes=str(tmp_path / "boxes.csv"), prompt="box",
-                         image_size=20)
-    dataset = build_image_folder(config, num_classes=2)
+    dataset = build_image_folder(str(tmp_path / "imgs"), 20, num_classes=2, boxes=str(tmp_path / "boxes.csv"))
     sample = dataset[0]
     assert set(sample) == {"image", "valid_hw", "original_hw", "name", "image_path", "boxes"}
     assert sample["boxes"].tolist() == [[2, 1, 10, 5]] * 2 and sample["valid_hw"].tolist() == [10, 20]
     assert dataset[1]["boxes"].tolist() == [[0, 0, 19, 19]] * 2
-    plain = build_image_folder(make_config(images=str(tmp_path / "imgs"), prompt="none"), 1)
+    plain = build_image_folder(str(tmp_path / "imgs"), 32, 1)
     assert "boxes" not in plain[0] and len(plain) == 2
 
 
-def test_overlay_grid_and_show_samples(tmp_path, make_config):
+def test_overlay_grid_and_show_samples(tmp_path, make_options):
     from engine.overlays import save_overlay_grid
     from scripts.show_samples import main
 
-    data = build_datasets(make_config(synthetic_classes=2, n_neg_points=1))
+    data = build_datasets(make_options(synthetic_classes=2, n_neg_points=1))
     samples = [data.val[i] for i in range(2)]
     path = save_overlay_grid(samples, tmp_path / "grid.png", predictions=[s["mask"] > 0.5 for s in samples],
                              title="t")
@@ -362,75 +360,75 @@ def test_overlay_grid_and_show_samples(tmp_path, make_config):
 
 # --- bad input: one UserError line naming the file or flag ----------------------------------------
 
-def test_error_data_path_missing(tmp_path, make_config):
+def test_error_data_path_missing(tmp_path, make_options):
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=tmp_path / "nope"))
+        build_datasets(make_options(dataset="folder", data_path=tmp_path / "nope"))
     assert "-data_path" in message(err) and "nope" in message(err)
 
 
 @pytest.mark.parametrize("dataset,expect", [("isic", "ISIC 2017"), ("refuge", "REFUGE challenge"),
                                             ("folder", "images")])
-def test_error_no_layout_lists_tried(tmp_path, make_config, dataset, expect):
+def test_error_no_layout_lists_tried(tmp_path, make_options, dataset, expect):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset=dataset, data_path=tmp_path / "empty"))
+        build_datasets(make_options(dataset=dataset, data_path=tmp_path / "empty"))
     assert "tried" in message(err) and expect in message(err)
 
 
-def test_error_no_images_in_folder(tmp_path, make_config):
+def test_error_no_images_in_folder(tmp_path, make_options):
     (tmp_path / "d" / "images").mkdir(parents=True)
     (tmp_path / "d" / "masks").mkdir()
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=tmp_path / "d"))
+        build_datasets(make_options(dataset="folder", data_path=tmp_path / "d"))
     assert "holds no images" in message(err)
 
 
-def test_error_image_without_mask(tmp_path, make_config, fake):
+def test_error_image_without_mask(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3)
     fake.image(root / "images" / "lonely.jpg")
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=root))
+        build_datasets(make_options(dataset="folder", data_path=root))
     assert "lonely.jpg has no mask" in message(err)
 
 
-def test_error_mask_without_image(tmp_path, make_config, fake):
+def test_error_mask_without_image(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3)
     fake.mask(root / "masks" / "orphan.png", fake.rect())
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=root))
+        build_datasets(make_options(dataset="folder", data_path=root))
     assert "orphan.png has no image" in message(err)
 
 
-def test_error_unreadable_image(tmp_path, make_config, fake):
+def test_error_unreadable_image(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3)
     (root / "images" / "img01.jpg").write_bytes(b"not an image at all")
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=root))
+        build_datasets(make_options(dataset="folder", data_path=root))
     assert "img01.jpg" in message(err) and "cannot read image" in message(err)
 
 
-def test_error_truncated_image_on_load(tmp_path, make_config, fake):
+def test_error_truncated_image_on_load(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3)
     data = (root / "images" / "img00.jpg").read_bytes()
     (root / "images" / "img00.jpg").write_bytes(data[: int(len(data) * 0.8)])
-    built = build_datasets(make_config(dataset="folder", data_path=root, prompt="none"),
+    built = build_datasets(make_options(dataset="folder", data_path=root, prompt="none"),
                            splits={"train": ["images/img00.jpg"], "val": ["images/img01.jpg"]})
     with pytest.raises(UserError) as err:
         built.train[0]
     assert "img00.jpg" in message(err) and "truncated" in message(err)
 
 
-def test_error_size_mismatch(tmp_path, make_config, fake):
+def test_error_size_mismatch(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3)
     fake.mask(root / "masks" / "img02.png", fake.rect(30, 30))
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=root))
+        build_datasets(make_options(dataset="folder", data_path=root))
     assert "img02.jpg is 32x24 but its mask" in message(err)
 
 
 @pytest.mark.parametrize("dataset,values", [("folder", [0, 7, 100, 200]), ("refuge", [0, 1, 2]),
                                             ("isic", [0, 40])])
-def test_error_mask_values(tmp_path, make_config, fake, dataset, values):
+def test_error_mask_values(tmp_path, make_options, fake, dataset, values):
     root = tmp_path / "d"
     bad = np.resize(np.array(values, np.uint8), (24, 32))
     for i in range(3):
@@ -440,72 +438,71 @@ def test_error_mask_values(tmp_path, make_config, fake, dataset, values):
         (root / "train.csv").write_text("image,mask\n" + "".join(
             f"train/images/s{i}.jpg,train/masks/s{i}.png\n" for i in range(3)))
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset=dataset, data_path=root))
+        build_datasets(make_options(dataset=dataset, data_path=root))
     assert "s1.png" in message(err) and "fit no" in message(err)
 
 
-def test_error_mixed_mask_encodings(tmp_path, make_config, fake):
+def test_error_mixed_mask_encodings(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3)
     fake.mask(root / "masks" / "img01.png", fake.rect(fg=2))
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=root))
+        build_datasets(make_options(dataset="folder", data_path=root))
     assert "img01.png" in message(err) and "one encoding" in message(err)
 
 
-def test_error_all_training_masks_empty(tmp_path, make_config, fake):
+def test_error_all_training_masks_empty(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3, mask=np.zeros((24, 32)))
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=root))
+        build_datasets(make_options(dataset="folder", data_path=root))
     assert "-prompt none" in message(err)
 
 
-def test_error_flag_combinations(tmp_path, make_config, fake):
+def test_error_flag_combinations(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3)
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=root, roi_crop=True))
+        build_datasets(make_options(dataset="folder", data_path=root, roi_crop=True))
     assert "-roi_crop" in message(err)
     refuge = flat_folder(tmp_path / "r", fake, count=3, mask=fake.refuge())
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="refuge", data_path=refuge, rater_policy="mean"))
+        build_datasets(make_options(dataset="refuge", data_path=refuge, rater_policy="mean"))
     assert "-rater_policy mean" in message(err)
     raters = refuge_raters(tmp_path / "m", fake, raters=2)
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="refuge", data_path=raters, rater_policy="5"))
+        build_datasets(make_options(dataset="refuge", data_path=raters, rater_policy="5"))
     assert "-rater_policy 5" in message(err)
 
 
-def test_error_splits_name_missing_files(tmp_path, make_config, fake):
+def test_error_splits_name_missing_files(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "d", fake, count=3)
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="folder", data_path=root),
+        build_datasets(make_options(dataset="folder", data_path=root),
                        splits={"train": ["images/img00.jpg", "images/gone.jpg"], "val": ["images/img01.jpg"]})
     assert "images/gone.jpg" in message(err) and "-data_path" in message(err)
 
 
-def test_error_csv_lists_missing_file(tmp_path, make_config, fake):
+def test_error_csv_lists_missing_file(tmp_path, make_options, fake):
     root = split_folders(tmp_path / "d", fake, counts=(("train", 2),))
     (root / "train.csv").write_text("image,mask\ntrain/images/train0.png,train/masks/train0.png\n"
                                     "train/images/ghost.png,train/masks/ghost.png\n")
     with pytest.raises(UserError) as err:
-        build_datasets(make_config(dataset="isic", data_path=root))
+        build_datasets(make_options(dataset="isic", data_path=root))
     assert "train.csv line 3" in message(err) and "ghost.png" in message(err)
 
 
-def test_error_boxes_csv(tmp_path, make_config, fake):
+def test_error_boxes_csv(tmp_path, fake):
     fake.image(tmp_path / "imgs" / "a.png")
     fake.image(tmp_path / "imgs" / "b.png")
     (tmp_path / "boxes.csv").write_text("a.png,1,2,3,4\n")
     with pytest.raises(UserError) as err:
-        build_image_folder(make_config(images=str(tmp_path / "imgs"), boxes=str(tmp_path / "boxes.csv"),
-                                       prompt="box"), 1)
+        build_image_folder(str(tmp_path / "imgs"), 32, 1, boxes=str(tmp_path / "boxes.csv"))
     assert "-boxes" in message(err) and "b.png" in message(err)
 
 
 # --- real data (skipped when /work/shared/data is missing) ----------------------------------------
 
 @pytest.mark.skipif(not (SHARED_DATA / "isic2017" / "train.csv").is_file(), reason="shared isic2017 missing")
-def test_real_isic2017(make_config):
-    data = build_datasets(make_config(dataset="isic", data_path=SHARED_DATA / "isic2017", image_size=64))
+def test_real_isic2017(make_options):
+    data = build_datasets(make_options(dataset="isic", data_path=SHARED_DATA / "isic2017", image_size=64))
     assert (len(data.train), len(data.val), len(data.test)) == (2000, 150, 600)
     assert "train.csv/val.csv/test.csv" in data.layout and data.num_classes == 1
     sample = data.val[0]
@@ -514,8 +511,8 @@ def test_real_isic2017(make_config):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "refuge_sample" / "images").is_dir(), reason="shared refuge_sample missing")
-def test_real_refuge_sample(make_config):
-    data = build_datasets(make_config(dataset="refuge", data_path=SHARED_DATA / "refuge_sample", image_size=64))
+def test_real_refuge_sample(make_options):
+    data = build_datasets(make_options(dataset="refuge", data_path=SHARED_DATA / "refuge_sample", image_size=64))
     assert len(data.train) + len(data.val) == 8 and data.test is None
     assert data.num_classes == 2 and data.class_names == ["disc", "cup"] and "images/ + masks/" in data.layout
     for dataset in (data.train, data.val):
@@ -524,9 +521,9 @@ def test_real_refuge_sample(make_config):
             assert mask[1].sum() > 0 and bool((mask[1] <= mask[0]).all()) and mask[0].sum() > mask[1].sum()
 
 
-def test_training_randomness_depends_only_on_seed_epoch_and_sample(make_config):
+def test_training_randomness_depends_only_on_seed_epoch_and_sample(make_options):
     """Same (seed, epoch) -> the same augmented sample in any process; another epoch -> another one."""
-    data = build_datasets(make_config(aug="strong", synthetic_size=4, image_size=48))
+    data = build_datasets(make_options(aug="strong", synthetic_size=4, image_size=48))
     data.train.set_epoch(3)
     first = data.train[1]
     torch.manual_seed(123)  # the global RNG must not matter
@@ -537,9 +534,9 @@ def test_training_randomness_depends_only_on_seed_epoch_and_sample(make_config):
     assert not (torch.equal(first["image"], other["image"]) and torch.equal(first["points"], other["points"]))
 
 
-def test_image_cache_gives_the_same_samples(make_config):
-    plain = build_datasets(make_config(aug="strong", synthetic_size=4, image_size=48))
-    cached = build_datasets(make_config(aug="strong", synthetic_size=4, image_size=48, cache_images=True))
+def test_image_cache_gives_the_same_samples(make_options):
+    plain = build_datasets(make_options(aug="strong", synthetic_size=4, image_size=48))
+    cached = build_datasets(make_options(aug="strong", synthetic_size=4, image_size=48, cache_images=True))
     for epoch in (1, 2):  # the second pass reads the cache; augmentation must not have altered it
         plain.train.set_epoch(epoch)
         cached.train.set_epoch(epoch)

@@ -43,7 +43,7 @@ def dice_of_untrained_model(tmp: Path) -> float:
     from cfg import parse_args
     from engine.runtime import Runtime
     from engine.session import build_model, load_data
-    from engine.trainer import evaluate
+    from engine.evaluation import evaluate
 
     config, _ = parse_args("train", BASE)
     data = load_data(config, verbose=False)

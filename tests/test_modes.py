@@ -19,15 +19,17 @@ from engine.trainer import keep_frozen_batchnorm_in_eval
 from models import build_segmenter
 from models.activation_checkpointing import enable_activation_checkpointing
 from models.merge import merge_adapters, official_state
-from models.modes import apply_mode, parameter_table
+from models.modes import apply_mode, get_mode, mode_names
+from models.modes.adaptation import parameter_table
 from models.segmenter import Prompts
 
 SIZE = 64
 SAM_TINY = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,))
 NETS = ("sam-tiny", "mobile_sam")
-PEFT_MODES = ("sam_adpt", "sam_lora", "sam_dora", "sam_adalora")
-LORA_FAMILY = ("sam_lora", "sam_dora", "sam_adalora")
-ALL_MODES = PEFT_MODES + ("sam_full", "sam_decoder")
+# every registered mode is tested (timm-style: a new mode needs no edit here)
+ALL_MODES = tuple(mode_names())
+PEFT_MODES = tuple(m for m in ALL_MODES if get_mode(m).adapter_prefix)  # modes that add encoder parameters
+LORA_FAMILY = tuple(m for m in PEFT_MODES if get_mode(m).mergeable)  # peft tuners folded by -merge
 # attention blocks: SAM-tiny depth 2; TinyViT stages 1-3 have 2 + 6 + 2 attention blocks
 ATTENTION_BLOCKS = {"sam-tiny": SAM_TINY["depth"], "mobile_sam": 10}
 # the trainable tensors each LoRA-family mode adds to every adapted linear (AdaLoRA's ranknum is frozen)
@@ -52,7 +54,9 @@ def build(net: str, num_classes: int = 1, seed: int = 0) -> nn.Module:
 def adapted(net: str, mode: str, total_steps: int = 10, num_classes: int = 1, **config):
     """The seed-0 base of `net`, adapted in place by `mode` (built exactly as build(net) builds it)."""
     model = build(net, num_classes)
-    adaptation = apply_mode(model, Config(mod=mode, **config), total_steps)
+    values = Config(mod=mode, **config)  # the mode's options as a run would pass them (Config defaults)
+    options = {name: getattr(values, name) for name in get_mode(mode).options}
+    adaptation = apply_mode(model, mode, total_steps, **options)
     return model, adaptation
 
 
@@ -198,14 +202,15 @@ def test_trainable_parameters_per_mode(net: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_parameter_table_splits_adapters_base_and_decoder(mode: str) -> None:
     model, _ = adapted("sam-tiny", mode)
-    rows = {part: (train, total) for part, train, total in parameter_table(model)}
+    prefix = get_mode(mode).adapter_prefix
+    rows = {part: (train, total) for part, train, total in parameter_table(model, prefix)}
     params = dict(model.named_parameters())
     count = lambda names: sum(params[n].numel() for n in names)
     decoder = count(n for n in params if n.startswith("mask_decoder."))
     assert rows["mask decoder"] == (decoder, decoder)
     assert rows["all"] == (sum(p.numel() for p in params.values() if p.requires_grad),
                            sum(p.numel() for p in params.values()))
-    assert rows["all"][1] == sum(total for part, _, total in parameter_table(model) if part != "all")
+    assert rows["all"][1] == sum(total for part, _, total in parameter_table(model, prefix) if part != "all")
     base_total = rows["encoder base"][1]
     assert base_total == sum(p.numel() for p in build("sam-tiny").image_encoder.parameters())
     if mode == "sam_full":
@@ -520,12 +525,17 @@ def test_merge_folds_adapters_into_official_layout(net: str, mode: str, tmp_path
         torch.testing.assert_close(forward(reloaded), merged, atol=1e-6, rtol=0)
 
 
-def test_merge_rejects_adapters_and_leaves_baselines_alone() -> None:
-    model, adaptation = adapted("sam-tiny", "sam_adpt")
-    with pytest.raises(UserError, match="sam_adpt cannot be merged"):
+@pytest.mark.parametrize("mode", [m for m in ALL_MODES if not get_mode(m).mergeable])
+def test_merge_rejects_unmergeable_modes(mode: str) -> None:
+    model, adaptation = adapted("sam-tiny", mode)
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=f"{mode} cannot be merged"):
         merge_adapters(adaptation)
-    assert adapter_layout(model)
-    for mode in ("sam_full", "sam_decoder"):
+    assert list(model.state_dict()) == keys
+
+
+def test_merge_leaves_modes_without_adapters_alone() -> None:
+    for mode in [m for m in ALL_MODES if not get_mode(m).adapter_prefix]:
         model, adaptation = adapted("sam-tiny", mode)
         keys = list(model.state_dict())
         merge_adapters(adaptation)

@@ -19,6 +19,7 @@ import torch
 from cfg import Config
 from models import build_segmenter
 from models.merge import merge_adapters
+from engine.session import mode_options
 from models.modes import apply_mode
 from models.onnx_export import check_onnx, export_onnx
 
@@ -51,7 +52,7 @@ def merged_model(net: str, num_classes: int) -> torch.nn.Module:
     probe = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5)) * 255
     with torch.no_grad():
         base = model.encode(probe)
-    adaptation = apply_mode(model, Config(mod="sam_lora"), total_steps=10)
+    adaptation = apply_mode(model, "sam_lora", 10, **mode_options(Config(mod="sam_lora")))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]

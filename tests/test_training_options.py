@@ -10,7 +10,8 @@ from common.cli import one_line
 from common.errors import UserError
 from engine.runtime import Runtime
 from engine.session import build_model, load_data
-from engine.trainer import Trainer, autocast_context, predict_logits, prompts_from_batch
+from engine.evaluation import autocast_context, predict_logits, prompts_from_batch
+from engine.trainer import Trainer
 
 
 def small_run(tmp_path, **changes) -> tuple[Trainer, Config]:

@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..decoder_tokens import query_tokens
+
 EMBED_DIM = 256
 NUM_MASK_TOKENS = 4  # token 0: single-mask output, tokens 1..3: multimask outputs
 UPSCALING_DIMS = (64, 32)
@@ -127,12 +129,7 @@ class EfficientSamMaskDecoder(nn.Module):
 
     def forward(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
                 multimask_output: bool) -> tuple[Tensor, Tensor]:
-        queries = sparse_prompt_embeddings.shape[0]
-        if image_embeddings.shape[0] != queries:
-            raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {queries} queries")
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(queries, -1, -1).to(sparse_prompt_embeddings.dtype),
-                            sparse_prompt_embeddings], dim=1)
+        tokens = query_tokens(self.iou_token, self.mask_tokens, image_embeddings, sparse_prompt_embeddings)
         batch, channels, height, width = image_embeddings.shape
         hidden, image = self.transformer(image_embeddings, image_pe, tokens)
         upscaled = image.transpose(1, 2).reshape(batch, channels, height, width)

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d  # channel LayerNorm, eps 1e-6
 from torch import Tensor, nn
 
 from ..segmenter import AdaptTargets
@@ -26,21 +27,6 @@ EFFICIENT_SAM_TARGETS = AdaptTargets(
     blocks=r"blocks\.\d+",
     convs="",
 )
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a B x C x H x W map."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        centred = x - x.mean(dim=1, keepdim=True)
-        scaled = centred / torch.sqrt(centred.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return self.weight[:, None, None] * scaled + self.bias[:, None, None]
 
 
 class PatchEmbed(nn.Module):

@@ -60,5 +60,5 @@ def build_efficient_sam(encoder: str, image_size: int, num_classes: int, **overr
 
 for _name in EFFICIENT_SAM_ARCHS:
     register_net("efficient_sam", _name, partial(build_efficient_sam, _name), unwrap_key="model",
-                 default=_name == "vit_s",
+                 default=_name == "vit_s", adapt_targets=EFFICIENT_SAM_TARGETS,
                  checkpoint_format=f"EfficientSAM efficient_sam_vit{_name[-1]}.pt: state_dict under the key 'model'")

@@ -1,27 +1,20 @@
-"""Adaptation modes (-mod): name -> function that adapts a segmenter in place.
+"""Adaptation modes (-mod): each declared once in `registry.py`, its code in its own file.
 
-Each mode freezes what it does not train and returns an `Adaptation` that the engine asks for
-extra loss terms, per-step hooks, resumable state and a rank summary.
+Each mode freezes what it does not train and returns an `Adaptation` (models/modes/adaptation.py)
+that the engine asks for extra loss terms, per-step hooks, resumable state and a rank summary.
+Importing this package is light (no torch, no peft): a mode's code is imported when it is applied.
 """
-from .adapter import apply_adapter
-from .adaptation import Adaptation, parameter_table
-from .adalora import apply_adalora
-from .baselines import apply_decoder_only, apply_full
-from .lora import apply_dora, apply_lora
-
-MODE_BUILDERS = {
-    "sam_adpt": apply_adapter,
-    "sam_lora": apply_lora,
-    "sam_dora": apply_dora,
-    "sam_adalora": apply_adalora,
-    "sam_full": apply_full,
-    "sam_decoder": apply_decoder_only,
-}
+from .registry import ModeSpec, get_mode, mode_names, mode_options, register_mode
 
 
-def apply_mode(segmenter, config, total_steps: int) -> Adaptation:
-    """Adapt `segmenter` in place for `config.mod`; `total_steps` drives AdaLoRA's budget schedule."""
-    return MODE_BUILDERS[config.mod](segmenter, config, total_steps)
+def apply_mode(segmenter, mode: str, total_steps: int, **options):
+    """Adapt `segmenter` in place for `mode` with its declared options; `total_steps` drives schedules
+    (AdaLoRA's budget). Returns the mode's `Adaptation`."""
+    spec = get_mode(mode)
+    unknown = sorted(set(options) - spec.options)
+    if unknown:
+        raise ValueError(f"mode {mode} takes no option {unknown[0]}; it takes {sorted(spec.options) or 'none'}")
+    return spec.load_apply()(segmenter, total_steps, **options)
 
 
-__all__ = ["Adaptation", "MODE_BUILDERS", "apply_mode", "parameter_table"]
+__all__ = ["ModeSpec", "apply_mode", "get_mode", "mode_names", "mode_options", "register_mode"]

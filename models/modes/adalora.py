@@ -2,7 +2,7 @@
 
 peft adds AdaLoRA's orthogonal regulariser only for models whose output has a `.loss`; this mode
 returns it through `extra_loss`. The budget schedule (initial rank, target rank, warm-up and
-final fractions of all steps) comes from the -adalora_* flags and the run's total step count.
+final fractions of all steps) comes from the adalora_* options and the run's total step count.
 """
 from __future__ import annotations
 
@@ -69,21 +69,22 @@ def orthogonal_regulariser(encoder: nn.Module) -> Tensor:
     return torch.stack(terms).mean()
 
 
-def adalora_schedule(config, total_steps: int) -> dict:
-    """Step counts of AdaLoRA's budget schedule from the fractional flags."""
-    tinit = int(config.adalora_tinit * total_steps)
-    tfinal = int(config.adalora_tfinal * total_steps)
-    if total_steps - tfinal <= tinit:
-        raise ValueError(f"{total_steps} steps leave no pruning phase; train longer or lower -adalora_tinit/tfinal")
-    return dict(total_step=total_steps, tinit=tinit, tfinal=tfinal, deltaT=config.adalora_delta_t)
+def adalora_schedule(total_steps: int, tinit: float, tfinal: float, delta_t: int) -> dict:
+    """Step counts of AdaLoRA's budget schedule from the warm-up and final fractions of all steps."""
+    warmup, final = int(tinit * total_steps), int(tfinal * total_steps)
+    if total_steps - final <= warmup:
+        raise ValueError(f"{total_steps} steps leave no pruning phase; train longer or lower adalora_tinit/tfinal")
+    return dict(total_step=total_steps, tinit=warmup, tfinal=final, deltaT=delta_t)
 
 
-def apply_adalora(segmenter: nn.Module, config, total_steps: int) -> Adaptation:
+def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optional[float], lora_dropout: float,
+                  adalora_init_r: int, adalora_target_r: int, adalora_tinit: float, adalora_tfinal: float,
+                  adalora_delta_t: int, adalora_orth_reg: float) -> Adaptation:
+    """AdaLoRA on the encoder's declared linears (peft's AdaLoRA adapts linears only)."""
     freeze_all_but_decoder(segmenter)
-    adalora_config = AdaLoraConfig(init_r=config.adalora_init_r, target_r=config.adalora_target_r,
-                                   lora_alpha=config.lora_alpha or config.adalora_init_r,
-                                   lora_dropout=config.lora_dropout,
+    adalora_config = AdaLoraConfig(init_r=adalora_init_r, target_r=adalora_target_r,
+                                   lora_alpha=lora_alpha or adalora_init_r, lora_dropout=lora_dropout,
                                    target_modules=segmenter.adapt_targets.linears,
-                                   **adalora_schedule(config, total_steps))
+                                   **adalora_schedule(total_steps, adalora_tinit, adalora_tfinal, adalora_delta_t))
     tuner = AdaLoraModel(segmenter.image_encoder, adalora_config, "default")
-    return AdaLoraAdaptation(tuner, config.adalora_orth_reg)
+    return AdaLoraAdaptation(tuner, adalora_orth_reg)

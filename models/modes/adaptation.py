@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-
 from torch import Tensor, nn
 
 
@@ -40,12 +39,13 @@ def freeze_all_but_decoder(segmenter: nn.Module) -> None:
     segmenter.mask_decoder.requires_grad_(True)
 
 
-def parameter_table(segmenter: nn.Module) -> list[tuple[str, int, int]]:
-    """(part, trainable, total) rows: encoder adapters, encoder base, decoder, other, all."""
+def parameter_table(segmenter: nn.Module, adapter_prefix: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """(part, trainable, total) rows: encoder adapters (names holding one of the mode's `adapter_prefix`
+    fragments), encoder base, decoder, other, all."""
     rows = {"encoder adapters": [0, 0], "encoder base": [0, 0], "mask decoder": [0, 0], "other": [0, 0]}
     for name, param in segmenter.named_parameters():
         if name.startswith("image_encoder."):
-            part = "encoder adapters" if _is_adapter_param(name) else "encoder base"
+            part = "encoder adapters" if any(p in name for p in adapter_prefix) else "encoder base"
         elif name.startswith("mask_decoder."):
             part = "mask decoder"
         else:
@@ -55,9 +55,4 @@ def parameter_table(segmenter: nn.Module) -> list[tuple[str, int, int]]:
     table = [(part, trainable, total) for part, (trainable, total) in rows.items()]
     table.append(("all", sum(r[1] for r in table), sum(r[2] for r in table)))
     return table
-
-
-def _is_adapter_param(name: str) -> bool:
-    markers = (".lora_", ".adapter.", "lora_magnitude_vector", ".ranknum")
-    return any(marker in name for marker in markers)
 

@@ -57,8 +57,9 @@ def attach_adapters(encoder: nn.Module, attention: str, mlp: str, bottleneck: in
     return count
 
 
-def apply_adapter(segmenter: nn.Module, config, total_steps: int) -> Adaptation:
+def apply_adapter(segmenter: nn.Module, total_steps: int, *, mid_dim: int | None) -> Adaptation:
+    """`mid_dim`: the bottleneck width (None: a quarter of each adapted module's width)."""
     freeze_all_but_decoder(segmenter)
     targets = segmenter.adapt_targets
-    attach_adapters(segmenter.image_encoder, targets.attention, targets.mlp, config.mid_dim)
+    attach_adapters(segmenter.image_encoder, targets.attention, targets.mlp, mid_dim)
     return Adaptation("sam_adpt")

@@ -1,6 +1,8 @@
 """sam_lora / sam_dora: peft LoRA (or DoRA) on the encoder's attention and MLP linears."""
 from __future__ import annotations
 
+from typing import Optional
+
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from torch import nn
@@ -11,25 +13,28 @@ DEFAULT_RANK = 4
 
 
 def lora_target_regex(segmenter: nn.Module, with_convs: bool) -> str:
-    """The encoder's declared linears, plus its convolutional stem when asked (-lora_conv)."""
+    """The encoder's declared linears, plus the convolutions it declares when asked (`lora_conv`)."""
     targets = segmenter.adapt_targets
     if with_convs and not targets.convs:
-        raise ValueError("this encoder declares no convolutions for -lora_conv")
+        raise ValueError("lora_conv: this encoder declares no convolutions to adapt")
     return f"(?:{targets.linears})|(?:{targets.convs})" if with_convs else targets.linears
 
 
-def _apply(segmenter: nn.Module, config, use_dora: bool) -> Adaptation:
+def _apply(segmenter: nn.Module, use_dora: bool, mid_dim: Optional[int], lora_alpha: Optional[float],
+           lora_dropout: float, lora_conv: bool) -> Adaptation:
     freeze_all_but_decoder(segmenter)
-    rank = config.mid_dim or DEFAULT_RANK
-    lora_config = LoraConfig(r=rank, lora_alpha=config.lora_alpha or rank, lora_dropout=config.lora_dropout,
-                             target_modules=lora_target_regex(segmenter, config.lora_conv), use_dora=use_dora)
+    rank = mid_dim or DEFAULT_RANK
+    lora_config = LoraConfig(r=rank, lora_alpha=lora_alpha or rank, lora_dropout=lora_dropout,
+                             target_modules=lora_target_regex(segmenter, lora_conv), use_dora=use_dora)
     tuner = LoraModel(segmenter.image_encoder, lora_config, "default")
     return Adaptation("sam_dora" if use_dora else "sam_lora", tuner=tuner)
 
 
-def apply_lora(segmenter: nn.Module, config, total_steps: int) -> Adaptation:
-    return _apply(segmenter, config, use_dora=False)
+def apply_lora(segmenter: nn.Module, total_steps: int, **options) -> Adaptation:
+    """options: mid_dim (rank, None: 4), lora_alpha (None: the rank), lora_dropout, lora_conv."""
+    return _apply(segmenter, False, **options)
 
 
-def apply_dora(segmenter: nn.Module, config, total_steps: int) -> Adaptation:
-    return _apply(segmenter, config, use_dora=True)
+def apply_dora(segmenter: nn.Module, total_steps: int, **options) -> Adaptation:
+    """DoRA: LoRA plus a trained magnitude vector per adapted linear; the options of `apply_lora`."""
+    return _apply(segmenter, True, **options)

@@ -1,0 +1,76 @@
+"""Evaluation and the prediction helpers shared by training, val.py and the benchmark: autocast policy,
+logits at the metric resolution, and Dice/IoU over a dataset summed across processes."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cfg import Config
+from common.errors import UserError
+from models.segmenter import PromptableSegmenter, Prompts
+
+from .metrics import MetricAccumulator, valid_region
+from .runtime import Runtime
+from .sampler import ShardSampler
+
+
+def prompts_from_batch(batch: dict, device: torch.device) -> Prompts:
+    """The prompts a dataset batch carries (click points, boxes, or none)."""
+    return Prompts(points=batch.get("points"), point_labels=batch.get("point_labels"),
+                   boxes=batch.get("boxes")).to(device)
+
+
+def autocast_context(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("-amp fp16 needs CUDA; use -amp bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def predict_logits(model: nn.Module, batch: dict, device: torch.device, amp: str, size: int,
+                   embeddings: Optional[Tensor] = None) -> Tensor:
+    """Float32 logits at size x size for a batch (images 0..255, S x S), or from cached embeddings."""
+    images = None if embeddings is not None else batch["image"].to(device, non_blocking=True)
+    with autocast_context(amp, device):
+        logits, _ = model(images, prompts_from_batch(batch, device), embeddings=embeddings,
+                          valid_hw=batch["valid_hw"].to(device))
+    return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def resize_target(mask: Tensor, size: int) -> Tensor:
+    if mask.shape[-1] == size:
+        return mask
+    return F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runtime: Runtime,
+             class_names: list[str], desc: str = "eval") -> dict[str, float]:
+    """Dice/IoU per class (and vCDR error for disc+cup) over `dataset`, summed over all processes."""
+    was_training = model.training
+    model.eval()
+    size = config.out_size or config.image_size
+    loader = DataLoader(dataset, batch_size=config.b, sampler=ShardSampler(len(dataset), runtime.rank,
+                                                                           runtime.world_size),
+                        num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
+    metrics = MetricAccumulator(class_names)
+    progress_off = None if runtime.is_main else True  # None: off when output is not a terminal
+    for batch in tqdm(loader, desc=desc, leave=False, disable=progress_off):
+        logits = predict_logits(model, batch, runtime.device, config.amp, size)
+        target = resize_target(batch["mask"].to(runtime.device), size)
+        metrics.update(logits, target, valid_region(batch["valid_hw"].to(runtime.device), size,
+                                                    config.image_size))
+    if runtime.distributed:
+        flat = metrics.state_tensor().to(runtime.device)
+        dist.all_reduce(flat)
+        metrics.load_state_tensor(flat.cpu())
+    model.train(was_training)
+    return metrics.summary()
