@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from cfg import Config
 from common.errors import UserError
 
-from . import folder, isic, refuge, synthetic
+from . import folder, isic, nifti, refuge, synthetic
 from .base import Layout, MaskBank, Record, SegmentationDataset, read_codes
 from .images import ImageFolderDataset, build_image_folder
 
@@ -37,6 +37,8 @@ REGISTRY: dict[str, Callable[[Config], Layout]] = {
     "isic": isic.detect,
     "refuge": refuge.detect,
 }
+# data sets that build their own DataBundle (volumes: split by volume, served as slices)
+BUNDLE_BUILDERS: dict[str, Callable[[Config, Optional[dict]], "DataBundle"]] = {"nifti": nifti.build_bundle}
 SPLIT_NAMES = ("train", "val", "test")
 
 __all__ = ["DataBundle", "REGISTRY", "build_datasets", "build_image_folder", "ImageFolderDataset",
@@ -92,8 +94,9 @@ def _reuse(layout: Layout, splits: dict, where: str) -> dict[str, Optional[list[
 
 
 def _check_config(config: Config) -> None:
-    if config.dataset not in REGISTRY:
-        raise UserError(f"-dataset {config.dataset} is unknown; choose one of {', '.join(REGISTRY)}")
+    if config.dataset not in REGISTRY and config.dataset not in BUNDLE_BUILDERS:
+        known = ", ".join([*REGISTRY, *BUNDLE_BUILDERS])
+        raise UserError(f"-dataset {config.dataset} is unknown; choose one of {known}")
     if config.n_neg_points < 0:
         raise UserError(f"-n_neg_points must be 0 or more, got {config.n_neg_points}")
     if config.roi_crop and config.dataset != "refuge":
@@ -112,6 +115,8 @@ def build_datasets(config: Config, splits: Optional[dict] = None) -> DataBundle:
     split. max_train / max_eval keep the first N samples of a split (after skipping empty training masks).
     """
     _check_config(config)
+    if config.dataset in BUNDLE_BUILDERS:
+        return BUNDLE_BUILDERS[config.dataset](config, splits)
     layout = REGISTRY[config.dataset](config)
     where = "the synthetic set (check -seed, -synthetic_size, -synthetic_classes)" \
         if config.dataset == "synthetic" else f"-data_path {config.data_path}"
