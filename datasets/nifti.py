@@ -473,7 +473,7 @@ def build_prediction_volumes(folder: Path, prompt_from: Optional[Path], axis: in
     volumes = []
     for image in images:
         shape = volume_shape(image, "image")
-        ras = tuple(np.asarray(shape)[np.argsort(_ras_order(image))])
+        ras = ras_shape(image, shape)
         volume = Volume(name=nifti_stem(image), key=image.name, image_path=str(image), shape=ras, axis=axis)
         if image in prompt_volumes:
             label = prompt_volumes[image]
@@ -490,12 +490,13 @@ def build_prediction_volumes(folder: Path, prompt_from: Optional[Path], axis: in
     return VolumeSliceDataset(volumes, class_names, labels=labels, **options)
 
 
-def _ras_order(path: Path) -> list[int]:
-    """For each file axis, the RAS axis it becomes."""
+def ras_shape(path: Path, shape: Sequence[int]) -> tuple[int, int, int]:
+    """The shape a file's 3D volume takes once reoriented to RAS (from the header's affine)."""
     import nibabel as nib
     from nibabel import orientations as ornt
 
-    return [int(a) for a in ornt.io_orientation(nib.load(str(path)).affine)[:, 0]]
+    ras_axis_of = [int(a) for a in ornt.io_orientation(nib.load(str(path)).affine)[:, 0]]
+    return tuple(int(s) for s in np.asarray(shape)[np.argsort(ras_axis_of)])  # type: ignore[return-value]
 
 
 def _short(exc: BaseException) -> str:
