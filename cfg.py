@@ -55,7 +55,7 @@ class Config:
                                    "weights and other nets start random; 'random' forces random weights", ALL,
                                    val_may_change=True)
     # data
-    dataset: str = flag("synthetic", "synthetic | folder | isic | refuge", ALL, val_may_change=True)
+    dataset: str = flag("synthetic", "synthetic | folder | isic | refuge | nifti", ALL, val_may_change=True)
     data_path: Optional[str] = flag(None, "dataset root folder (not needed for synthetic)", ALL, val_may_change=True)
     prompt: str = flag("click", "prompt derived from the mask", ALL, choices=("click", "box", "none"), val_may_change=True)
     n_points: int = flag(1, "positive clicks per class", ALL, val_may_change=True)
@@ -66,6 +66,11 @@ class Config:
     rater_policy: str = flag("majority", "refuge multi-rater masks: majority | mean | rater number 1..7", ALL, val_may_change=True)
     synthetic_size: int = flag(64, "synthetic: number of training images (val/test get a quarter each)", ALL)
     synthetic_classes: int = flag(1, "synthetic: 1 (lesion) or 2 (nested disc+cup-like classes)", ALL)
+    slice_axis: int = flag(2, "nifti: slice axis after reorientation to RAS: 0 sagittal, 1 coronal, 2 axial", RUN)
+    window: Optional[str] = flag(None, "nifti: intensity window L,W (CT, e.g. 40,400); default: per-volume "
+                                 "0.5-99.5 percentile clip", RUN)
+    labels: Optional[str] = flag(None, "nifti: label values to segment, in class order (e.g. 1,2); default: every "
+                                 "non-zero value (at most 3)", RUN)
     cache_images: bool = flag(False, "keep decoded, resized images in memory after their first use "
                               "(one copy per loader worker)", ALL)
     max_train: Optional[int] = flag(None, "use only the first N training samples (quick runs)", RUN)
@@ -100,6 +105,8 @@ class Config:
     save_pred: Optional[str] = flag(None, "write predicted masks (PNG, original size) and overlays here", (VAL,))
     images: Optional[str] = flag(None, "predict on a folder of images without masks", (VAL,))
     boxes: Optional[str] = flag(None, "CSV of boxes (image,x0,y0,x1,y1) in original pixels for -images", (VAL,))
+    prompt_from: Optional[str] = flag(None, "-images of NIfTI volumes: folder of label volumes (same names) giving "
+                                      "the per-slice box/click prompts", (VAL,))
     merge: bool = flag(False, "fold LoRA/DoRA/AdaLoRA weights into the base linears before evaluating", (VAL,))
     export: Optional[str] = flag(None, "with -merge: write the merged net in its official checkpoint format", (VAL,))
     onnx: Optional[str] = flag(None, "with -merge: export image encoder and mask decoder to ONNX in this folder, "
@@ -202,10 +209,20 @@ def validate(config: Config, given: set[str], script: str) -> None:
         raise UserError("-onnx exports the merged net: add -merge")
     if config.boxes is not None and config.images is None:
         raise UserError("-boxes goes with -images DIR")
-    if config.images is not None and config.prompt == "click":
-        raise UserError("-images has no masks to derive clicks from: use -prompt none, or -prompt box with -boxes")
-    if config.images is not None and config.prompt == "box" and config.boxes is None:
-        raise UserError("-images with -prompt box needs -boxes FILE.csv")
+    if config.prompt_from is not None and config.images is None:
+        raise UserError("-prompt_from goes with -images DIR (a folder of NIfTI volumes)")
+    if config.prompt_from is not None and config.boxes is not None:
+        raise UserError("-prompt_from and -boxes both give prompts: keep one")
+    if config.images is not None and config.prompt == "click" and config.prompt_from is None:
+        raise UserError("-images has no masks to derive clicks from: use -prompt none, -prompt box with -boxes, "
+                        "or (volumes) -prompt_from DIR of label volumes")
+    if config.images is not None and config.prompt == "box" and config.boxes is None and config.prompt_from is None:
+        raise UserError("-images with -prompt box needs -boxes FILE.csv (or -prompt_from DIR for NIfTI volumes)")
+    if config.slice_axis not in (0, 1, 2):
+        raise UserError(f"-slice_axis must be 0 (sagittal), 1 (coronal) or 2 (axial), got {config.slice_axis}")
+    nifti_only = sorted(n for n in ("slice_axis", "window", "labels") if n in given)
+    if nifti_only and script in RUN and config.dataset != "nifti":
+        raise UserError(f"-{nifti_only[0]} only applies to -dataset nifti, not -dataset {config.dataset}")
 
 
 def _check_mode_flags(config: Config, given: set[str]) -> None:

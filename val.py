@@ -5,6 +5,8 @@
     python val.py -weights checkpoint/<exp_name> -json m.json -save_pred preds/
     python val.py -weights checkpoint/<exp_name> -images DIR -prompt none -save_pred preds/
     python val.py -weights checkpoint/<exp_name> -merge -export merged.pth
+    python val.py -weights checkpoint/<exp_name> -images CT/ -prompt box -prompt_from LABELS/ -save_pred preds/
+                                                                          (NIfTI volumes in, .nii.gz labels out)
 """
 from common.cli import run_cli
 
@@ -76,10 +78,14 @@ def main(argv=None) -> None:
         print(f"wrote {config.export} (official {config.net} key format, loadable with -sam_ckpt)")
 
     class_names = run["class_names"]
+    volumes = False
     if config.images:
-        dataset = build_image_folder(config.images, config.image_size, run["num_classes"], config.boxes)
         if not config.save_pred:
             raise UserError("-images predicts without masks: add -save_pred DIR to write the predictions")
+        dataset = volume_folder(config, run)
+        volumes = dataset is not None
+        if not volumes:
+            dataset = build_image_folder(config.images, config.image_size, run["num_classes"], config.boxes)
     else:
         data = data or load_data(config, splits)
         if data.num_classes != run["num_classes"]:
@@ -87,22 +93,58 @@ def main(argv=None) -> None:
                             f"predicts {run['num_classes']}: evaluate it on data with the same classes")
         dataset = data.test if config.split == "test" and data.test is not None else data.val
         split = "test" if dataset is data.test else "val"
-        summary = evaluate(model, dataset, config, runtime, class_names, split)
+        volumes = getattr(dataset, "is_volumes", False)
         source = f"{config.which} weights of {args.weights}" if saved is not None else f"{config.net} zero-shot"
-        print(f"{split} split, {int(summary['images'])} images, {config.prompt} prompts, {source}:")
-        for key, value in summary.items():
-            if key != "images":
-                print(f"  {key:<16}{value:.4f}")
+        if volumes:  # per-volume 3D Dice/IoU; -save_pred writes the predicted label volumes
+            from engine.volumes import evaluate_volumes, format_volume_table
+            summary, rows = evaluate_volumes(model, dataset, config, runtime, class_names, split, config.save_pred)
+            print(f"{split} split, {len(rows)} volumes, 3D Dice/IoU per volume, {source}:\n"
+                  f"{format_volume_table(rows, summary)}")
+        else:
+            summary = evaluate(model, dataset, config, runtime, class_names, split)
+            print(f"{split} split, {int(summary['images'])} images, {config.prompt} prompts, {source}:")
+            for key, value in summary.items():
+                if key != "images":
+                    print(f"  {key:<16}{value:.4f}")
         if config.json:
+            extra = {"volumes": rows} if volumes else {}
             checkpoints.write_json(Path(config.json), {
                 "split": split, "weights": str(weights), "metrics": summary, "config": config.to_json(),
-                "total_params": sum(p.numel() for p in model.parameters())})
+                "total_params": sum(p.numel() for p in model.parameters()), **extra})
             print(f"metrics written to {config.json}")
     if config.onnx:
         export_and_check_onnx(model, dataset, config)
-    if config.save_pred:
+    if config.save_pred and volumes:
+        if config.images:
+            from engine.volumes import predict_volumes
+            written = predict_volumes(model, dataset, config, runtime.device, Path(config.save_pred))
+        else:
+            written = dataset.volumes  # written during the evaluation
+        print(f"{len(written)} predicted label volumes (.nii.gz) written to {config.save_pred}")
+    elif config.save_pred:
         count = save_predictions(model, dataset, config, runtime.device, Path(config.save_pred), class_names)
         print(f"{count} predictions written to {config.save_pred}")
+
+
+def volume_folder(config, run: dict):
+    """-images DIR holding NIfTI volumes -> their slice dataset (prompts from -prompt_from); else None."""
+    from pathlib import Path
+
+    from common.errors import UserError
+    from datasets.nifti import build_prediction_volumes, list_volumes, parse_window
+
+    folder = Path(config.images)
+    if not folder.is_dir() or not list_volumes(folder):
+        if config.prompt_from:
+            raise UserError(f"-prompt_from needs -images to be a folder of NIfTI volumes; {folder} holds none")
+        return None
+    if config.boxes:
+        raise UserError("-boxes gives 2D boxes per image file: for NIfTI volumes give -prompt_from DIR of label volumes")
+    labels = run.get("labels") or list(range(1, run["num_classes"] + 1))
+    return build_prediction_volumes(folder, Path(config.prompt_from) if config.prompt_from else None,
+                                    config.slice_axis, labels, run["class_names"], image_size=config.image_size,
+                                    prompt=config.prompt, n_points=config.n_points, n_neg_points=config.n_neg_points,
+                                    seed=config.seed, window=parse_window(config.window))
 
 
 def export_and_check_onnx(model, dataset, config) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from common.errors import UserError
 
-from . import folder, isic, refuge, synthetic
+from . import folder, isic, nifti, refuge, synthetic
 from .base import Layout, MaskBank, Record, SegmentationDataset, read_codes
 from .images import ImageFolderDataset, build_image_folder
 from .options import DataOptions
@@ -36,6 +36,8 @@ REGISTRY: dict[str, Callable[[DataOptions], Layout]] = {
     "isic": isic.detect,
     "refuge": refuge.detect,
 }
+# data sets that build their own DataBundle (volumes: split by volume, served as slices)
+BUNDLE_BUILDERS: dict[str, Callable[[DataOptions, Optional[dict]], "DataBundle"]] = {"nifti": nifti.build_bundle}
 SPLIT_NAMES = ("train", "val", "test")
 
 __all__ = ["DataBundle", "DataOptions", "REGISTRY", "build_datasets", "build_image_folder", "ImageFolderDataset",
@@ -87,8 +89,9 @@ def _reuse(layout: Layout, splits: dict, where: str) -> dict[str, Optional[list[
 
 
 def _check_options(options: DataOptions) -> None:
-    if options.dataset not in REGISTRY:
-        raise UserError(f"-dataset {options.dataset} is unknown; choose one of {', '.join(REGISTRY)}")
+    if options.dataset not in REGISTRY and options.dataset not in BUNDLE_BUILDERS:
+        known = ", ".join([*REGISTRY, *BUNDLE_BUILDERS])
+        raise UserError(f"-dataset {options.dataset} is unknown; choose one of {known}")
     if options.roi_crop and options.dataset != "refuge":
         raise UserError(f"-roi_crop crops around the optic disc: it needs -dataset refuge, not {options.dataset}")
     if options.dataset != "synthetic":
@@ -105,6 +108,8 @@ def build_datasets(options: DataOptions, splits: Optional[dict] = None) -> DataB
     split. max_train / max_eval keep the first N samples of a split (after skipping empty training masks).
     """
     _check_options(options)
+    if options.dataset in BUNDLE_BUILDERS:
+        return BUNDLE_BUILDERS[options.dataset](options, splits)
     layout = REGISTRY[options.dataset](options)
     where = "the synthetic set (check -seed, -synthetic_size, -synthetic_classes)" \
         if options.dataset == "synthetic" else f"-data_path {options.data_path}"

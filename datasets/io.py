@@ -37,9 +37,18 @@ def image_hw(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
+            refuse_multipage(img, path, "image")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"cannot read image {path} ({_short(exc)}): replace it with a valid image file or remove it")
     return height, width
+
+
+def refuse_multipage(img: Image.Image, path: Path, kind: str) -> None:
+    """A multi-page TIFF (a stack or volume) would silently be read as its first page: refuse it."""
+    pages = getattr(img, "n_frames", 1)
+    if pages > 1 and img.format == "TIFF":
+        raise UserError(f"{kind} {path} is a multi-page TIFF ({pages} pages): convert it to one 2D file per "
+                        f"slice, or to NIfTI and use -dataset nifti")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -77,6 +86,7 @@ def read_mask(path: Path) -> np.ndarray:
         raise UserError(f"mask {path} does not exist: fix the path or the listing that names it")
     try:
         with Image.open(path) as img:
+            refuse_multipage(img, path, "mask")
             img.load()
             if img.mode == "P":
                 palette = np.asarray(img.getpalette() or [], dtype=np.int32).reshape(-1, 3)

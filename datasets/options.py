@@ -16,7 +16,9 @@ class DataOptions:
     val_frac: held-out validation fraction when the layout has none; roi_crop: refuge optic-disc crop
     in training; rater_policy: refuge multi-rater masks; synthetic_size / synthetic_classes: the
     generated set; cache_images: keep resized images in memory; max_train / max_eval: keep only the
-    first N samples; seed: every random choice of the data (hold-out, prompts, augmentation).
+    first N samples; seed: every random choice of the data (hold-out, prompts, augmentation);
+    slice_axis / window / labels: NIfTI volumes (slicing axis after RAS reorientation, CT window "L,W",
+    label values in class order).
     """
 
     dataset: str
@@ -35,6 +37,9 @@ class DataOptions:
     max_train: Optional[int]
     max_eval: Optional[int]
     seed: int
+    slice_axis: int = 2
+    window: Optional[str] = None
+    labels: Optional[str] = None
 
     @classmethod
     def pick(cls, source) -> "DataOptions":

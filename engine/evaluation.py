@@ -54,7 +54,11 @@ def resize_target(mask: Tensor, size: int) -> Tensor:
 @torch.no_grad()
 def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runtime: Runtime,
              class_names: list[str], desc: str = "eval") -> dict[str, float]:
-    """Dice/IoU per class (and vCDR error for disc+cup) over `dataset`, summed over all processes."""
+    """Dice/IoU per class (and vCDR error for disc+cup) over `dataset`, summed over all processes.
+    Volume data sets (-dataset nifti) give per-volume 3D Dice/IoU averaged over volumes (engine/volumes.py)."""
+    if getattr(dataset, "is_volumes", False):
+        from .volumes import evaluate_volumes
+        return evaluate_volumes(model, dataset, config, runtime, class_names, desc)[0]
     was_training = model.training
     model.eval()
     size = config.out_size or config.image_size

@@ -114,5 +114,7 @@ def load_data(config: Config, splits: Optional[dict] = None, verbose: bool = Tru
 def write_run_config(run_dir: Path, config: Config, data: DataBundle, total_steps: int) -> None:
     run = {"num_classes": data.num_classes, "class_names": data.class_names, "total_steps": total_steps,
            "layout": data.layout, "base": base_identity(config)}
+    if getattr(data.train, "labels", None):  # -dataset nifti: the label value of each class
+        run["labels"] = list(data.train.labels)
     checkpoints.write_json(run_dir / checkpoints.CONFIG, {**config.to_json(), "run": run})
     checkpoints.write_json(run_dir / checkpoints.SPLITS, data.splits)
