@@ -15,6 +15,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import nibabel as nib  # noqa: E402
 
+from cfg import Config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from datasets import build_datasets  # noqa: E402
 from datasets import nifti  # noqa: E402
@@ -175,7 +176,7 @@ def test_box_protocol_prediction_volume_and_written_file(make_options, volumes, 
     assert np.array_equal(values, nifti.ras_to_file_orientation(codes, source.affine))
     assert dice_iou_3d(values, raw_truth, 2)[0] == pytest.approx(dice)
 
-    summary, rows = evaluate_volumes(model, dataset, make_options(b=4), Runtime(torch.device("cpu")),
+    summary, rows = evaluate_volumes(model, dataset, Config(b=4), Runtime(torch.device("cpu")),
                                      data.class_names)
     assert [r["volume"] for r in rows] == [v.name for v in dataset.volumes]
     assert rows[0]["dice_liver"] == pytest.approx(dice[0])
