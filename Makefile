@@ -1,9 +1,12 @@
 # Two entry points, each installs the pinned stack first (once per machine):
-#   make demo   adapt MobileSAM with LoRA on the built-in synthetic set, then evaluate its checkpoint
+#   make demo   adapt the pretrained LiteMedSAM with LoRA to click prompts on the built-in synthetic set:
+#               zero-shot Dice first, then the adapted Dice on the same test split (compare.py)
 #   make test   the whole test suite (what .ci/run runs)
 PYTHON ?= python3
 export NO_ALBUMENTATIONS_UPDATE = 1
 STAMP := .install-stamp
+DEMO := demo_lite_medsam
+DEMO_FLAGS := -net lite_medsam -dataset synthetic -prompt click -image_size 128 -epochs 4 -b 4 -lr 5e-4
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -12,9 +15,9 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	rm -rf checkpoint/demo_mobile_sam_lora figs/demo_mobile_sam_lora  # the demo run is rebuilt every time
-	$(PYTHON) train.py -net mobile_sam -mod sam_lora -dataset synthetic -image_size 128 -epochs 4 -b 4 -lr 1e-3 -exp_name demo_mobile_sam_lora
-	$(PYTHON) val.py -weights checkpoint/demo_mobile_sam_lora -json checkpoint/demo_mobile_sam_lora/test_metrics.json -save_pred checkpoint/demo_mobile_sam_lora/predictions
+	rm -rf checkpoint/$(DEMO)_* figs/$(DEMO)_* figs/compare_$(DEMO)  # the demo is rebuilt every time
+	$(PYTHON) compare.py $(DEMO_FLAGS) -mods sam_lora -exp_name $(DEMO)
+	$(PYTHON) val.py -weights checkpoint/$(DEMO)_sam_lora_seed0 -save_pred checkpoint/$(DEMO)_sam_lora_seed0/predictions
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

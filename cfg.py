@@ -43,6 +43,9 @@ class Config:
     lora_alpha: Optional[float] = flag(None, "LoRA/DoRA/AdaLoRA scaling alpha (default = rank)")
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch")
     lora_conv: bool = flag(False, "LoRA also on the convolutions the net declares (MobileSAM's stem; LoRA modes)")
+    decoder: str = flag("full", "PEFT modes: the mask decoder trains fully, through LoRA on its transformer's "
+                        "attention and MLP linears (rank -mid_dim, AdaLoRA: -adalora_target_r, Adapter: 4), or not "
+                        "at all", choices=("full", "lora", "frozen"))
     adalora_init_r: int = flag(12, "AdaLoRA initial rank per adapted linear")
     adalora_target_r: int = flag(4, "AdaLoRA average target rank per adapted linear")
     adalora_tinit: float = flag(0.1, "AdaLoRA warm-up without pruning, as a fraction of all steps")
@@ -117,6 +120,14 @@ class Config:
     seeds: str = flag("0", "comma-separated seeds", (COMPARE,))
     runs: Optional[str] = flag(None, "comma-separated existing run folders to tabulate instead of training",
                                (COMPARE,))
+    decoders: Optional[str] = flag(None, "comma-separated -decoder settings to run each PEFT mode with "
+                                   "(e.g. full,lora; default: -decoder)", (COMPARE,))
+    ranks: Optional[str] = flag(None, "comma-separated LoRA ranks to run the LoRA-family modes at (e.g. 1,2,4,8,16; "
+                                "AdaLoRA: the target rank, starting at 3x)", (COMPARE,))
+    train_sizes: Optional[str] = flag(None, "comma-separated training-set sizes: each run trains on the first N "
+                                      "training images (e.g. 16,64,256; same test split for all)", (COMPARE,))
+    overwrite: bool = flag(False, "redo finished runs whose saved settings differ from the requested ones "
+                           "(without it compare refuses them)", (COMPARE,))
 
     # benchmark.py
     nets: str = flag("mobile_sam:tiny_vit,sam:vit_b,efficient_sam:vit_t,efficient_sam:vit_s",
@@ -255,6 +266,19 @@ def _nets_with_convs() -> list[str]:
 
     entries = [net_entry(net, encoder) for net in net_names() for encoder in encoder_names(net)]
     return sorted({entry.net for entry in entries if entry.adapt_targets and entry.adapt_targets.convs})
+
+
+def parse_ints(text: Optional[str], flag_name: str) -> list[Optional[int]]:
+    """A comma-separated list of positive integers ([None] when the flag is absent)."""
+    if text is None:
+        return [None]
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"-{flag_name} takes comma-separated integers, got {text}") from None
+    if any(value <= 0 for value in values):
+        raise UserError(f"-{flag_name} takes positive integers, got {text}")
+    return values
 
 
 def parse_modes(text: str, flag_name: str = "mods") -> list[str]:

@@ -2,6 +2,8 @@
 
     python compare.py -net mobile_sam -dataset isic -data_path DATA -mods sam_adpt,sam_lora,sam_adalora \
         -epochs 3 -exp_name isic_modes
+    python compare.py -net lite_medsam -dataset isic -data_path DATA -mods sam_lora,sam_adalora -decoders full,lora \
+        -ranks 1,4,16 -train_sizes 16,64,256 -exp_name sweep            (decoder, rank and data-size sweeps)
     python compare.py -runs checkpoint/a,checkpoint/b -exp_name mine     (tabulate finished runs)
 
 Writes figs/compare_<exp_name>/{table.md,table.csv,curves.png,tradeoff.png}; the first row is always the
@@ -14,11 +16,12 @@ from common.cli import run_cli
 def main(argv=None) -> None:
     from pathlib import Path
 
-    from cfg import parse_args, parse_modes
+    from cfg import parse_args, parse_ints, parse_modes
 
     config, given = parse_args("compare", argv)  # before the heavy imports
 
-    from engine.compare import read_run, train_runs, write_outputs, zero_shot_run
+    from common.errors import UserError
+    from engine.compare import read_run, train_runs, variants, write_outputs, zero_shot_run
 
     name = config.exp_name or f"{config.net}_{config.dataset}"
     if config.runs:
@@ -26,10 +29,16 @@ def main(argv=None) -> None:
     else:
         modes = parse_modes(config.mods)
         seeds = [int(seed) for seed in config.seeds.split(",")]
-        passed = {key: getattr(config, key) for key in given
-                  if key not in ("mods", "seeds", "runs", "exp_name", "mod", "seed")}
-        folders = [zero_shot_run(passed, name, config.ckpt_root)] + train_runs(passed, modes, seeds, name,
-                                                                                config.ckpt_root)
+        decoders = config.decoders.split(",") if config.decoders else [None]
+        unknown = [d for d in decoders if d not in (None, "full", "lora", "frozen")]
+        if unknown:
+            raise UserError(f"-decoders: unknown setting {unknown[0]}; choose from full, lora, frozen")
+        ranks, sizes = parse_ints(config.ranks, "ranks"), parse_ints(config.train_sizes, "train_sizes")
+        sweeps = ("mods", "seeds", "runs", "exp_name", "mod", "seed", "decoders", "ranks", "train_sizes", "overwrite")
+        passed = {key: getattr(config, key) for key in given if key not in sweeps}
+        rows = variants(modes, decoders, ranks, sizes)
+        folders = [zero_shot_run(passed, name, config.ckpt_root, config.overwrite)] + \
+            train_runs(passed, rows, seeds, name, config.ckpt_root, config.overwrite)
     table = write_outputs([read_run(folder) for folder in folders], Path(config.figs_root) / f"compare_{name}")
     print(table)
     print(f"wrote {Path(config.figs_root) / f'compare_{name}'}/table.md, table.csv, curves.png, tradeoff.png")

@@ -53,9 +53,9 @@ def main(argv=None) -> None:
     best = run_dir / "best.safetensors"
     checkpoints.load_weights(best, model, get_mode(config.mod).saves_all)
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
-    summary = evaluate(model, dataset, config, runtime, data.class_names, split)
+    summary = evaluate(model, dataset, config, runtime, data.class_names, split, original=True)
     if runtime.is_main:
-        print(f"{split} (best weights): " + " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+        print(f"{split} (best weights, original resolution): " + " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
         checkpoints.write_json(run_dir / "final_metrics.json", {
             "split": split, "weights": "best", "metrics": summary, "wall_seconds": time.time() - started,
             "total_params": sum(p.numel() for p in model.parameters())})

@@ -101,8 +101,9 @@ def main(argv=None) -> None:
             print(f"{split} split, {len(rows)} volumes, 3D Dice/IoU per volume, {source}:\n"
                   f"{format_volume_table(rows, summary)}")
         else:
-            summary = evaluate(model, dataset, config, runtime, class_names, split)
-            print(f"{split} split, {int(summary['images'])} images, {config.prompt} prompts, {source}:")
+            summary = evaluate(model, dataset, config, runtime, class_names, split, original=True)
+            print(f"{split} split, {int(summary['images'])} images at their original resolution, {config.prompt} "
+                  f"prompts, {source}:")
             for key, value in summary.items():
                 if key != "images":
                     print(f"  {key:<16}{value:.4f}")

@@ -157,6 +157,10 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def original_mask(self, index: int) -> np.ndarray:
+        """C x H x W float32 mask of sample `index` at its image's original size (what final metrics use)."""
+        return self.bank.channels(index)
+
     def load_image(self, index: int) -> np.ndarray:
         record = self.records[index]
         return record.image if record.image is not None else read_image(Path(record.image_path))

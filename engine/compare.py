@@ -4,9 +4,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cfg import VAL, ZERO_SHOT, Config  # noqa: E402
+from cfg import VAL, ZERO_SHOT, Config, parse_args  # noqa: E402
 from models.modes import get_mode, mode_options  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.tables import markdown_table  # noqa: E402
@@ -37,10 +39,58 @@ def applies_to(flag_name: str, mode: str) -> bool:
     return True
 
 
-def train_argv(given: dict, mode: str, seed: int, exp_name: str) -> list[str]:
-    """train.py flags for one mode/seed: the user's flags that apply to it, plus -mod, -seed, -exp_name."""
-    argv = _flag_argv({name: value for name, value in given.items() if applies_to(name, mode)})
-    return argv + ["-mod", mode, "-seed", str(seed), "-exp_name", exp_name]
+@dataclass(frozen=True)
+class Variant:
+    """One row of a comparison: a mode, optionally with its decoder setting, LoRA rank and training-set size."""
+
+    mode: str
+    decoder: Optional[str] = None
+    rank: Optional[int] = None
+    train_size: Optional[int] = None
+
+    def label(self) -> str:
+        parts = [self.mode]
+        parts += [f"dec-{self.decoder}"] if self.decoder else []
+        parts += [f"r{self.rank}"] if self.rank else []
+        parts += [f"n{self.train_size}"] if self.train_size else []
+        return " ".join(parts)
+
+    def flags(self) -> dict:
+        """The train.py flags this variant sets (on top of the user's)."""
+        flags = {}
+        if self.decoder:
+            flags["decoder"] = self.decoder
+        if self.rank and "mid_dim" in get_mode(self.mode).options:
+            flags["mid_dim"] = self.rank
+        elif self.rank:  # AdaLoRA: the rank is the final average budget; it starts at three times that
+            flags.update(adalora_target_r=self.rank, adalora_init_r=3 * self.rank)
+        if self.train_size:
+            flags["max_train"] = self.train_size
+        return flags
+
+
+def has_lora_rank(mode: str) -> bool:
+    """LoRA-family modes, whose rank a rank sweep varies (LoRA, DoRA, AdaLoRA's target rank)."""
+    return ".lora_" in get_mode(mode).adapter_prefix
+
+
+def variants(modes: list[str], decoders: list[Optional[str]], ranks: list[Optional[int]],
+             train_sizes: list[Optional[int]]) -> list[Variant]:
+    """Every mode x decoder setting (where the mode has one) x rank (LoRA family) x training-set size."""
+    rows = []
+    for mode in modes:
+        for decoder in decoders if "decoder" in get_mode(mode).options else [None]:
+            for rank in ranks if has_lora_rank(mode) else [None]:
+                rows += [Variant(mode, decoder, rank, size) for size in train_sizes]
+    return rows
+
+
+def train_argv(given: dict, variant: Variant, seed: int, exp_name: str) -> list[str]:
+    """train.py flags for one variant/seed: the user's flags that apply to its mode, the variant's own,
+    plus -mod, -seed, -exp_name."""
+    flags = {name: value for name, value in given.items() if applies_to(name, variant.mode)}
+    argv = _flag_argv({**flags, **variant.flags()})
+    return argv + ["-mod", variant.mode, "-seed", str(seed), "-exp_name", exp_name]
 
 
 def _flag_argv(values: dict) -> list[str]:
@@ -53,16 +103,45 @@ def _flag_argv(values: dict) -> list[str]:
     return argv
 
 
-def zero_shot_run(given: dict, name: str, ckpt_root: str) -> Path:
+# flags that do not change a run's results: a finished run is reused whatever they were
+NOT_RESULTS = {"device", "workers", "ckpt_root", "figs_root", "exp_name", "resume", "vis", "ckpt_steps",
+               "cache_images", "json", "save_pred", "split", "which"}
+
+
+def config_differences(saved: dict, requested: Config) -> list[str]:
+    """'-flag saved -> requested' for every result-changing flag where a finished run differs from a request."""
+    wanted = requested.to_json()
+    return [f"-{name} {saved.get(name)} -> {wanted[name]}" for name in sorted(wanted)
+            if name not in NOT_RESULTS and saved.get(name) != wanted[name]]
+
+
+def _reuse_or_clear(run_dir: Path, saved: Optional[dict], requested: Config, overwrite: bool) -> bool:
+    """True when a finished (or resumable) run in `run_dir` was made with the requested settings; clears it
+    with `overwrite`, refuses a different one otherwise."""
+    if saved is None:
+        return False
+    differences = config_differences(saved, requested)
+    if not differences:
+        return True
+    if not overwrite:
+        raise UserError(f"{run_dir} was made with other settings ({'; '.join(differences)}): add -overwrite to "
+                        f"redo it, or choose another -exp_name")
+    shutil.rmtree(run_dir)
+    return False
+
+
+def zero_shot_run(given: dict, name: str, ckpt_root: str, overwrite: bool = False) -> Path:
     """Evaluate the base net as it is (val.py without -weights) on the same data, split and prompts as the
     trained rows; its metrics go to <ckpt_root>/<name>_zero_shot/final_metrics.json."""
     run_dir = Path(ckpt_root) / f"{name}_{ZERO_SHOT}"
-    if run_is_finished(run_dir):
-        print(f"[compare] {run_dir.name}: evaluated earlier, not evaluated again", flush=True)
-        return run_dir
     val_flags = {f.name for f in dataclasses.fields(Config) if VAL in f.metadata["scripts"]}
-    command = [sys.executable, str(REPO / "val.py"), *_flag_argv({k: v for k, v in given.items() if k in val_flags}),
-               "-json", str(run_dir / FINAL)]
+    argv = _flag_argv({k: v for k, v in given.items() if k in val_flags and k != "max_train"})
+    requested = dataclasses.replace(parse_args("val", argv)[0], mod=ZERO_SHOT)
+    saved = json.loads((run_dir / FINAL).read_text())["config"] if run_is_finished(run_dir) else None
+    if _reuse_or_clear(run_dir, saved, requested, overwrite):
+        print(f"[compare] {run_dir.name}: evaluated earlier with the same settings, not evaluated again", flush=True)
+        return run_dir
+    command = [sys.executable, str(REPO / "val.py"), *argv, "-json", str(run_dir / FINAL)]
     print(f"[compare] {' '.join(command[1:])}", flush=True)
     if subprocess.run(command).returncode != 0:
         raise UserError(f"the zero-shot evaluation {run_dir.name} failed (see its output above)")
@@ -73,21 +152,30 @@ def run_is_finished(run_dir: Path) -> bool:
     return (run_dir / FINAL).is_file()
 
 
-def train_runs(given: dict, modes: list[str], seeds: list[int], name: str, ckpt_root: str) -> list[Path]:
-    """Train every mode x seed in its own process; finished runs are kept, killed ones resumed."""
+def exp_name_of(name: str, variant: Variant, seed: int) -> str:
+    return f"{name}_{variant.label().replace(' ', '_')}_seed{seed}"
+
+
+def train_runs(given: dict, rows: list[Variant], seeds: list[int], name: str, ckpt_root: str,
+               overwrite: bool = False) -> list[Path]:
+    """Train every variant x seed in its own process; finished runs with the same settings are kept,
+    killed ones resumed, and runs made with other settings refused (or redone with `overwrite`)."""
     folders = []
-    for mode in modes:
+    for variant in rows:
         for seed in seeds:
-            exp_name = f"{name}_{mode}_seed{seed}"
+            exp_name = exp_name_of(name, variant, seed)
             run_dir = Path(ckpt_root) / exp_name
             folders.append(run_dir)
-            if run_is_finished(run_dir):
-                print(f"[compare] {exp_name}: finished earlier, not trained again", flush=True)
+            argv = train_argv(given, variant, seed, exp_name)
+            saved = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else None
+            same = _reuse_or_clear(run_dir, saved, parse_args("train", argv)[0], overwrite)
+            if same and run_is_finished(run_dir):
+                print(f"[compare] {exp_name}: finished earlier with the same settings, not trained again", flush=True)
                 continue
-            if (run_dir / LAST_STATE).is_file():
+            if same and (run_dir / LAST_STATE).is_file():
                 command = [sys.executable, str(REPO / "train.py"), "-resume", str(run_dir)]
             else:
-                command = [sys.executable, str(REPO / "train.py"), *train_argv(given, mode, seed, exp_name)]
+                command = [sys.executable, str(REPO / "train.py"), *argv]
             print(f"[compare] {' '.join(command[1:])}", flush=True)
             if subprocess.run(command).returncode != 0:
                 raise UserError(f"training {exp_name} failed (see its output above); rerun compare to resume")
@@ -100,13 +188,21 @@ def read_run(run_dir: Path) -> dict:
         raise UserError(f"{run_dir} has no {FINAL}: it is not a finished train.py run")
     final = json.loads((run_dir / FINAL).read_text())
     if not (run_dir / CONFIG).is_file():  # val.py's zero-shot evaluation: nothing trained
-        return {"mode": ZERO_SHOT, "seed": final["config"]["seed"], "config": final["config"], "final": final,
-                "history": [], "ckpt_mb": 0.0}
+        return {"variant": Variant(ZERO_SHOT), "seed": final["config"]["seed"], "config": final["config"],
+                "final": final, "history": [], "ckpt_mb": 0.0}
     config = json.loads((run_dir / CONFIG).read_text())
     with open(run_dir / "metrics.csv") as handle:
         history = list(csv.DictReader(handle))
-    return {"mode": config["mod"], "seed": config["seed"], "config": config, "final": final, "history": history,
-            "ckpt_mb": (run_dir / "best.safetensors").stat().st_size / 2 ** 20}
+    return {"variant": variant_of(config), "seed": config["seed"], "config": config, "final": final,
+            "history": history, "ckpt_mb": (run_dir / "best.safetensors").stat().st_size / 2 ** 20}
+
+
+def variant_of(config: dict) -> Variant:
+    """The variant a saved run config describes (its decoder setting, rank and training-set size)."""
+    options = get_mode(config["mod"]).options
+    rank = config.get("mid_dim") if "mid_dim" in options else config.get("adalora_target_r")
+    return Variant(config["mod"], config.get("decoder") if "decoder" in options else None,
+                   rank if has_lora_rank(config["mod"]) else None, config.get("max_train"))
 
 
 def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
@@ -114,12 +210,14 @@ def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per mode; metrics as mean (and std over seeds)."""
+    """One row per variant; metrics as mean (and std over seeds)."""
     rows = []
-    for mode in dict.fromkeys(run["mode"] for run in runs):
-        group = [run for run in runs if run["mode"] == mode]
+    for variant in dict.fromkeys(run["variant"] for run in runs):
+        group = [run for run in runs if run["variant"] == variant]
         metrics = group[0]["final"]["metrics"]
-        row = {"mode": mode, "seeds": len(group), "split": group[0]["final"]["split"]}
+        row = {"mode": variant.mode, "decoder": variant.decoder, "rank": variant.rank,
+               "train_size": variant.train_size, "label": variant.label(), "seeds": len(group),
+               "split": group[0]["final"]["split"], "images": int(metrics["images"])}
         for key in [k for k in metrics if k.startswith(("dice_", "iou_")) or k == "vcdr_mae"]:
             row[key], row[f"{key}_std"] = _mean_std([run["final"]["metrics"][key] for run in group])
         history = group[0]["history"]
@@ -147,23 +245,36 @@ def markdown(rows: list[dict], class_keys: list[str]) -> str:
         std = row.get(f"{key}_std")
         return f"{row[key]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
-    headers = ["mode", *class_keys, "trainable", "share %", "ckpt MB", "s/step", "img/s", "peak MB", "wall min"]
+    headers = ["run", *class_keys, "trainable", "share %", "ckpt MB", "s/step", "img/s", "peak MB", "wall min"]
     def shown(row, key, spec):
         return "-" if row[key] is None else format(row[key], spec)  # zero-shot: nothing trained
 
-    return markdown_table(headers, ([row["mode"], *[metric(row, key) for key in class_keys],
+    return markdown_table(headers, ([row["label"], *[metric(row, key) for key in class_keys],
                                      f"{row['trainable_params']:,}", f"{row['trainable_share_pct']:.2f}",
                                      f"{row['ckpt_mb']:.2f}", shown(row, "sec_per_step", ".3f"),
                                      shown(row, "images_per_s", ".2f"), shown(row, "peak_mem_mb", ".0f"),
                                      shown(row, "wall_min", ".1f")] for row in rows))
 
 
+def table_header(runs: list[dict], rows: list[dict]) -> str:
+    """What every row shares: the evaluated split and its size, prompts, resolution, and the data."""
+    config, final = runs[0]["config"], runs[0]["final"]
+    prompts = f"{config['n_points']} click(s)" if config["prompt"] == "click" else config["prompt"]
+    return (f"{final['split']} split, {rows[0]['images']} images, {prompts} per class, metrics at the original "
+            f"image resolution; -net {config['net']} at {config['image_size']} px, -dataset {config['dataset']}"
+            + (f" {config['data_path']}" if config.get("data_path") else ""))
+
+
 def write_outputs(runs: list[dict], out_dir: Path) -> str:
     rows = summarise(runs)
+    mismatched = [row["label"] for row in rows if row["images"] != rows[0]["images"]]
+    if mismatched:
+        raise UserError(f"{mismatched[0]} was evaluated on a different number of images than {rows[0]['label']}: "
+                        f"every row of a table must use the same split (same -max_eval)")
     class_keys = [k for k in rows[0] if k.startswith(("dice_", "iou_")) and not k.endswith("_std")]
     class_keys += ["vcdr_mae"] if "vcdr_mae" in rows[0] else []
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, class_keys)
+    table = table_header(runs, rows) + "\n\n" + markdown(rows, class_keys)
     (out_dir / "table.md").write_text(table + "\n")
     with open(out_dir / "table.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -171,24 +282,51 @@ def write_outputs(runs: list[dict], out_dir: Path) -> str:
         writer.writerows(rows)
     plot_curves(runs, out_dir / "curves.png")
     plot_tradeoff(rows, out_dir / "tradeoff.png")
+    for key, label in (("train_size", "training images"), ("rank", "LoRA rank")):
+        if len({row[key] for row in rows if row[key] is not None}) > 1:
+            plot_against(rows, key, label, out_dir / f"dice_vs_{key}.png")
     return table
+
+
+def plot_against(rows: list[dict], key: str, label: str, path: Path) -> None:
+    """Mean Dice against a swept setting (training-set size or rank), one line per remaining setting."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lines: dict[str, list[tuple]] = {}
+    for row in rows:
+        if row["mode"] == ZERO_SHOT:
+            ax.axhline(row["dice_mean"], color="grey", linestyle="--", label="zero-shot base")
+        elif row[key] is not None:
+            rest = Variant(row["mode"], row["decoder"], *(
+                (None, row["train_size"]) if key == "rank" else (row["rank"], None))).label()
+            lines.setdefault(rest, []).append((row[key], row["dice_mean"]))
+    for name, points in lines.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(label + " (log)")
+    ax.set_ylabel(f"{rows[0]['split']} mean Dice")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for mode in dict.fromkeys(run["mode"] for run in runs):
+    for variant in dict.fromkeys(run["variant"] for run in runs):
         by_epoch: dict[int, list[float]] = {}
-        for run in (r for r in runs if r["mode"] == mode):
+        for run in (r for r in runs if r["variant"] == variant):
             for row in run["history"]:
                 if row.get("val_dice_mean"):
                     by_epoch.setdefault(int(row["epoch"]), []).append(float(row["val_dice_mean"]))
         epochs = sorted(by_epoch)
         if not epochs:  # zero-shot: nothing trained
             continue
-        ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker="o", label=mode)
+        ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker="o", label=variant.label())
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("val mean Dice")
+    ax.set_ylabel("val mean Dice (model resolution)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -205,7 +343,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
                 ax.axhline(row["dice_mean"], color="grey", linestyle="--", label="zero-shot base")
                 continue
             ax.scatter(row[key], row["dice_mean"], s=60)
-            ax.annotate(row["mode"], (row[key], row["dice_mean"]), textcoords="offset points", xytext=(5, 5),
+            ax.annotate(row["label"], (row[key], row["dice_mean"]), textcoords="offset points", xytext=(5, 5),
                         fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{rows[0]['split']} mean Dice")

@@ -51,30 +51,67 @@ def resize_target(mask: Tensor, size: int) -> Tensor:
     return F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def logits_at_original_size(logits: Tensor, valid_hw: Tensor, original_hw: Tensor) -> Tensor:
+    """C x S x S logits of one image -> C x H x W float logits at its original size: crop the padding, resize
+    bilinearly (the official SAM / LiteMedSAM post-processing; threshold at 0 for masks)."""
+    height, width = int(valid_hw[0]), int(valid_hw[1])
+    cropped = logits[:, :height, :width][None].float()
+    return F.interpolate(cropped, size=(int(original_hw[0]), int(original_hw[1])), mode="bilinear",
+                         align_corners=False)[0]
+
+
 @torch.no_grad()
 def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runtime: Runtime,
-             class_names: list[str], desc: str = "eval") -> dict[str, float]:
+             class_names: list[str], desc: str = "eval", original: bool = False) -> dict[str, float]:
     """Dice/IoU per class (and vCDR error for disc+cup) over `dataset`, summed over all processes.
-    Volume data sets (-dataset nifti) give per-volume 3D Dice/IoU averaged over volumes (engine/volumes.py)."""
+
+    original=False: at the model's resolution (-out_size, default -image_size) against the resized masks
+    (per-epoch validation); original=True: predictions resized to each image's original size against its
+    original mask (what val.py and the final test evaluation report; a dataset without original masks
+    is evaluated at the model's resolution). Volume data sets (-dataset nifti) give per-volume 3D
+    Dice/IoU at the volume's own size, averaged over volumes (engine/volumes.py)."""
     if getattr(dataset, "is_volumes", False):
         from .volumes import evaluate_volumes
         return evaluate_volumes(model, dataset, config, runtime, class_names, desc)[0]
+    original = original and hasattr(dataset, "original_mask")
     was_training = model.training
     model.eval()
-    size = config.out_size or config.image_size
-    loader = DataLoader(dataset, batch_size=config.b, sampler=ShardSampler(len(dataset), runtime.rank,
-                                                                           runtime.world_size),
+    size = config.image_size if original else config.out_size or config.image_size
+    loader = DataLoader(IndexedDataset(dataset) if original else dataset, batch_size=config.b,
+                        sampler=ShardSampler(len(dataset), runtime.rank, runtime.world_size),
                         num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
     metrics = MetricAccumulator(class_names)
     progress_off = None if runtime.is_main else True  # None: off when output is not a terminal
     for batch in tqdm(loader, desc=desc, leave=False, disable=progress_off):
         logits = predict_logits(model, batch, runtime.device, config.amp, size)
-        target = resize_target(batch["mask"].to(runtime.device), size)
-        metrics.update(logits, target, valid_region(batch["valid_hw"].to(runtime.device), size,
-                                                    config.image_size))
+        if not original:
+            target = resize_target(batch["mask"].to(runtime.device), size)
+            metrics.update(logits, target, valid_region(batch["valid_hw"].to(runtime.device), size,
+                                                        config.image_size))
+            continue
+        for i, index in enumerate(batch["index"].tolist()):
+            full = logits_at_original_size(logits[i], batch["valid_hw"][i], batch["original_hw"][i])[None]
+            target = torch.from_numpy(dataset.original_mask(index))[None].to(full.device)
+            metrics.update(full, target, torch.ones_like(target[:, :1], dtype=torch.bool))
     if runtime.distributed:
         flat = metrics.state_tensor().to(runtime.device)
         dist.all_reduce(flat)
         metrics.load_state_tensor(flat.cpu())
     model.train(was_training)
     return metrics.summary()
+
+
+class IndexedDataset(Dataset):
+    """Adds each sample's index (the key of the embedding cache and of the original masks)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "index": index}

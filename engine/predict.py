@@ -11,18 +11,9 @@ from tqdm import tqdm
 
 from cfg import Config
 
-from .evaluation import predict_logits
+from .evaluation import logits_at_original_size, predict_logits
 
 CLASS_COLOURS = ((255, 64, 64), (64, 160, 255), (80, 220, 80))  # RGB per class
-
-
-def to_original_size(logits: torch.Tensor, valid_hw: torch.Tensor, original_hw: torch.Tensor) -> np.ndarray:
-    """C x S x S logits -> C x H x W boolean masks: crop the padding, resize to the original size."""
-    height, width = int(valid_hw[0]), int(valid_hw[1])
-    cropped = logits[:, :height, :width][None].float()
-    full = torch.nn.functional.interpolate(cropped, size=(int(original_hw[0]), int(original_hw[1])),
-                                          mode="bilinear", align_corners=False)[0]
-    return (full > 0).cpu().numpy()
 
 
 def overlay(image_rgb: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -50,7 +41,7 @@ def save_predictions(model: torch.nn.Module, dataset: Dataset, config: Config, d
     for batch in tqdm(loader, desc="predict", leave=False, disable=None):
         logits = predict_logits(model, batch, device, config.amp, config.image_size)
         for i, name in enumerate(batch["name"]):
-            masks = to_original_size(logits[i], batch["valid_hw"][i], batch["original_hw"][i])
+            masks = (logits_at_original_size(logits[i], batch["valid_hw"][i], batch["original_hw"][i]) > 0).cpu().numpy()
             for mask, class_name in zip(masks, class_names):
                 suffix = "" if len(class_names) == 1 else f"_{class_name}"
                 cv2.imwrite(str(out_dir / f"{name}{suffix}.png"), mask.astype(np.uint8) * 255)

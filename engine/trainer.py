@@ -21,7 +21,7 @@ from models.modes.adaptation import Adaptation
 from models.segmenter import PromptableSegmenter
 
 from . import checkpoints
-from .evaluation import autocast_context, evaluate, predict_logits, resize_target
+from .evaluation import IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
 from .logbook import TensorBoardLog, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
 from .runtime import PeakMemory, Runtime, synchronize
@@ -59,22 +59,6 @@ def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
                 p.requires_grad for p in module.parameters()):
             module.eval()
-
-
-class IndexedDataset(Dataset):
-    """Adds each sample's index (the key of the embedding cache)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "index": index}
 
 
 @dataclass

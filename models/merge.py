@@ -9,7 +9,7 @@ from .registry import net_entry
 
 
 def merge_adapters(adaptation: Adaptation) -> None:
-    """Merge the peft tuner into the encoder in place; afterwards no adapter code runs.
+    """Merge the peft tuners into the encoder (and decoder) in place; afterwards no adapter code runs.
 
     Raises ValueError for a mode whose weights are not a linear update of the base weights."""
     if not get_mode(adaptation.mode).mergeable:
@@ -18,6 +18,9 @@ def merge_adapters(adaptation: Adaptation) -> None:
     if adaptation.tuner is not None:
         adaptation.tuner.merge_and_unload()
         adaptation.tuner = None
+    if adaptation.decoder_tuner is not None:
+        adaptation.decoder_tuner.merge_and_unload()
+        adaptation.decoder_tuner = None
 
 
 def official_state(model: nn.Module, net: str, encoder: str) -> dict:

@@ -20,6 +20,10 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 class BatchedMaskDecoder(MaskDecoder):
     """SAM's mask decoder (same modules and keys) with one image embedding per query."""
 
+    # `-decoder lora`: the two-way transformer's attention projections and MLP linears (module names)
+    lora_targets = (r"transformer\.(layers\.\d+\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
+                    r"|final_attn_token_to_image)\.(q|k|v|out)_proj|transformer\.layers\.\d+\.mlp\.lin[12]")
+
     def predict_masks(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
                       dense_prompt_embeddings: Tensor) -> tuple[Tensor, Tensor]:
         tokens = query_tokens(self.iou_token, self.mask_tokens, image_embeddings, sparse_prompt_embeddings)

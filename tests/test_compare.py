@@ -10,18 +10,48 @@ from pathlib import Path
 
 import pytest
 
-from engine.compare import applies_to, train_argv
+from cfg import parse_args
+from common.errors import UserError
+from engine.compare import Variant, _reuse_or_clear, applies_to, config_differences, train_argv, variant_of, variants
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_mode_specific_flags_go_only_to_their_modes():
     given = {"mid_dim": 8, "lora_alpha": 16.0, "adalora_init_r": 6, "grad_ckpt": True, "image_size": 64}
-    assert train_argv(given, "sam_full", 1, "x") == ["-grad_ckpt", "-image_size", "64", "-mod", "sam_full",
-                                                     "-seed", "1", "-exp_name", "x"]
-    assert "-lora_alpha" in train_argv(given, "sam_lora", 0, "x")
-    assert "-adalora_init_r" not in train_argv(given, "sam_lora", 0, "x")
+    assert train_argv(given, Variant("sam_full"), 1, "x") == ["-grad_ckpt", "-image_size", "64", "-mod", "sam_full",
+                                                              "-seed", "1", "-exp_name", "x"]
+    assert "-lora_alpha" in train_argv(given, Variant("sam_lora"), 0, "x")
+    assert "-adalora_init_r" not in train_argv(given, Variant("sam_lora"), 0, "x")
     assert not applies_to("grad_ckpt", "sam_decoder") and applies_to("mid_dim", "sam_adpt")
+
+
+def test_sweeps_expand_only_where_they_apply():
+    rows = variants(["sam_decoder", "sam_adpt", "sam_lora", "sam_adalora"], ["full", "lora"], [2, 8], [16])
+    labels = [row.label() for row in rows]
+    assert labels == ["sam_decoder n16", "sam_adpt dec-full n16", "sam_adpt dec-lora n16",
+                      "sam_lora dec-full r2 n16", "sam_lora dec-full r8 n16", "sam_lora dec-lora r2 n16",
+                      "sam_lora dec-lora r8 n16", "sam_adalora dec-full r2 n16", "sam_adalora dec-full r8 n16",
+                      "sam_adalora dec-lora r2 n16", "sam_adalora dec-lora r8 n16"]
+    assert Variant("sam_lora", "lora", 8, 16).flags() == {"decoder": "lora", "mid_dim": 8, "max_train": 16}
+    assert Variant("sam_adalora", None, 2).flags() == {"adalora_target_r": 2, "adalora_init_r": 6}
+    # a saved run config maps back to the variant that made it
+    config, _ = parse_args("train", train_argv({}, Variant("sam_adalora", "lora", 2, 16), 0, "x"))
+    assert variant_of(config.to_json()) == Variant("sam_adalora", "lora", 2, 16)
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved, _ = parse_args("train", ["-mod", "sam_lora", "-lr", "1e-4", "-vis", "0"])
+    same, _ = parse_args("train", ["-mod", "sam_lora", "-lr", "1e-4", "-workers", "2"])  # -workers: same results
+    assert config_differences(saved.to_json(), same) == []
+    other, _ = parse_args("train", ["-mod", "sam_lora", "-lr", "5e-4", "-epochs", "3"])
+    assert config_differences(saved.to_json(), other) == ["-epochs 10 -> 3", "-lr 0.0001 -> 0.0005"]
+    with pytest.raises(UserError, match=r"run was made with other settings \(-epochs 10 -> 3; -lr .*-overwrite"):
+        _reuse_or_clear(run_dir, saved.to_json(), other, overwrite=False)
+    assert run_dir.is_dir()  # refused: nothing deleted
+    assert not _reuse_or_clear(run_dir, saved.to_json(), other, overwrite=True) and not run_dir.exists()
 
 
 @pytest.mark.slow
@@ -35,7 +65,7 @@ def test_compare_trains_tabulates_and_resumes(tmp_path):
     out = tmp_path / "figs" / "compare_t"
     with open(out / "table.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["mode"] for row in rows] == ["zero_shot", "sam_decoder", "sam_lora"]
+    assert [row["label"] for row in rows] == ["zero_shot", "sam_decoder", "sam_lora dec-full"]
     assert int(rows[0]["trainable_params"]) == 0 < int(rows[1]["trainable_params"]) < int(rows[2]["trainable_params"])
     assert all(0 <= float(row["dice_mean"]) <= 1 and float(row["ckpt_mb"]) > 0 for row in rows[1:])
     # the zero-shot row is the pretrained base (default lite_medsam) on the same test split: val.py agrees
@@ -48,3 +78,6 @@ def test_compare_trains_tabulates_and_resumes(tmp_path):
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0 and second.stdout.count("not trained again") == 2
     assert second.stdout.count("not evaluated again") == 1
+    changed = subprocess.run(command + ["-lr", "0.01"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                             env=env)
+    assert changed.returncode == 2 and "-lr 0.0001 -> 0.01" in changed.stderr and "-overwrite" in changed.stderr

@@ -25,9 +25,11 @@ def test_mode_declaration_is_usable(spec) -> None:
 
 @pytest.mark.parametrize("spec", MODE_SPECS, ids=lambda spec: spec.name)
 def test_cfg_accepts_exactly_the_declared_options(spec) -> None:
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    fields = {f.name: f for f in dataclasses.fields(Config)}
     for name in sorted(mode_options()):
-        value = [] if types[name] == "bool" else ["0.2"] if "float" in types[name] else ["12"]
+        field, choices = fields[name], fields[name].metadata["choices"]
+        value = [] if field.type == "bool" else [choices[-1]] if choices else ["0.2"] if "float" in field.type \
+            else ["12"]
         argv = ["-mod", spec.name, "-net", "mobile_sam", f"-{name}", *value]
         if name in spec.options:
             parse_args("train", argv)

@@ -115,6 +115,10 @@ def _upscaling_stage(in_dim: int, out_dim: int, last: bool) -> nn.Sequential:
 class EfficientSamMaskDecoder(nn.Module):
     """Q image embeddings + Q x N x 256 sparse prompts -> (Q x M x 4h x 4w logits, Q x M IoU)."""
 
+    # `-decoder lora`: the two-way transformer's attention projections and MLP linears (module names)
+    lora_targets = (r"transformer\.(layers\.\d+\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
+                    r"|final_attn_token_to_image)\.(q|k|v|out)_proj|transformer\.layers\.\d+\.mlp\.(layers\.0\.0|fc)")
+
     def __init__(self, dim: int = EMBED_DIM, iou_head_depth: int = 3, iou_head_hidden_dim: int = 256):
         super().__init__()
         self.transformer = TwoWayTransformer(dim=dim)

@@ -79,12 +79,15 @@ def adalora_schedule(total_steps: int, tinit: float, tfinal: float, delta_t: int
 
 def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optional[float], lora_dropout: float,
                   adalora_init_r: int, adalora_target_r: int, adalora_tinit: float, adalora_tfinal: float,
-                  adalora_delta_t: int, adalora_orth_reg: float) -> Adaptation:
-    """AdaLoRA on the encoder's declared linears (peft's AdaLoRA adapts linears only)."""
-    freeze_all_but_decoder(segmenter)
+                  adalora_delta_t: int, adalora_orth_reg: float, decoder: str) -> Adaptation:
+    """AdaLoRA on the encoder's declared linears (peft's AdaLoRA adapts linears only); `decoder`: full | lora
+    (plain LoRA of rank adalora_target_r, the encoder's final average rank) | frozen."""
+    decoder_tuner = freeze_all_but_decoder(segmenter, decoder, adalora_target_r)
     adalora_config = AdaLoraConfig(init_r=adalora_init_r, target_r=adalora_target_r,
                                    lora_alpha=lora_alpha or adalora_init_r, lora_dropout=lora_dropout,
                                    target_modules=segmenter.adapt_targets.linears,
                                    **adalora_schedule(total_steps, adalora_tinit, adalora_tfinal, adalora_delta_t))
     tuner = AdaLoraModel(segmenter.image_encoder, adalora_config, "default")
-    return AdaLoraAdaptation(tuner, adalora_orth_reg)
+    adaptation = AdaLoraAdaptation(tuner, adalora_orth_reg)
+    adaptation.decoder_tuner = decoder_tuner
+    return adaptation

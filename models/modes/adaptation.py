@@ -13,6 +13,7 @@ class Adaptation:
 
     mode: str
     tuner: Optional[nn.Module] = None  # the peft tuner (LoRA/DoRA/AdaLoRA) for merging and rank allocation
+    decoder_tuner: Optional[nn.Module] = None  # the mask decoder's LoRA tuner (`decoder="lora"`), for merging
 
     def extra_loss(self) -> Optional[Tensor]:
         """A regulariser added to the task loss (AdaLoRA's orthogonality term), or None."""
@@ -33,21 +34,40 @@ class Adaptation:
         pass
 
 
-def freeze_all_but_decoder(segmenter: nn.Module) -> None:
-    """The PEFT setting: everything frozen except the mask decoder (modes then unfreeze their adapters)."""
+DECODER_CHOICES = ("full", "lora", "frozen")
+DECODER_LORA_RANK = 4
+
+
+def freeze_all_but_decoder(segmenter: nn.Module, decoder: str = "full",
+                           rank: int = DECODER_LORA_RANK) -> Optional[nn.Module]:
+    """The PEFT setting: everything frozen, then the mask decoder trained fully ("full"), through LoRA of
+    rank `rank` on its transformer's attention and MLP linears ("lora", as declared by the decoder's
+    `lora_targets`), or not at all ("frozen"). Modes then unfreeze their encoder adapters. Returns the
+    decoder's peft tuner for "lora", else None."""
+    if decoder not in DECODER_CHOICES:
+        raise ValueError(f"decoder must be one of {', '.join(DECODER_CHOICES)}, not {decoder}")
     segmenter.requires_grad_(False)
-    segmenter.mask_decoder.requires_grad_(True)
+    if decoder == "full":
+        segmenter.mask_decoder.requires_grad_(True)
+    if decoder != "lora":
+        return None
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=segmenter.mask_decoder.lora_targets)
+    return LoraModel(segmenter.mask_decoder, config, "default")
 
 
 def parameter_table(segmenter: nn.Module, adapter_prefix: tuple[str, ...]) -> list[tuple[str, int, int]]:
     """(part, trainable, total) rows: encoder adapters (names holding one of the mode's `adapter_prefix`
-    fragments), encoder base, decoder, other, all."""
-    rows = {"encoder adapters": [0, 0], "encoder base": [0, 0], "mask decoder": [0, 0], "other": [0, 0]}
+    fragments), encoder base, decoder adapters (`decoder="lora"`), mask decoder, other, all."""
+    rows = {"encoder adapters": [0, 0], "encoder base": [0, 0], "decoder adapters": [0, 0], "mask decoder": [0, 0],
+            "other": [0, 0]}
     for name, param in segmenter.named_parameters():
         if name.startswith("image_encoder."):
             part = "encoder adapters" if any(p in name for p in adapter_prefix) else "encoder base"
         elif name.startswith("mask_decoder."):
-            part = "mask decoder"
+            part = "decoder adapters" if ".lora_" in name else "mask decoder"
         else:
             part = "other"
         rows[part][0] += param.numel() if param.requires_grad else 0

@@ -57,9 +57,10 @@ def attach_adapters(encoder: nn.Module, attention: str, mlp: str, bottleneck: in
     return count
 
 
-def apply_adapter(segmenter: nn.Module, total_steps: int, *, mid_dim: int | None) -> Adaptation:
-    """`mid_dim`: the bottleneck width (None: a quarter of each adapted module's width)."""
-    freeze_all_but_decoder(segmenter)
+def apply_adapter(segmenter: nn.Module, total_steps: int, *, mid_dim: int | None, decoder: str) -> Adaptation:
+    """`mid_dim`: the bottleneck width (None: a quarter of each adapted module's width); `decoder`:
+    full | lora | frozen (decoder LoRA of the default rank)."""
+    decoder_tuner = freeze_all_but_decoder(segmenter, decoder)
     targets = segmenter.adapt_targets
     attach_adapters(segmenter.image_encoder, targets.attention, targets.mlp, mid_dim)
-    return Adaptation("sam_adpt")
+    return Adaptation("sam_adpt", decoder_tuner=decoder_tuner)

@@ -21,17 +21,18 @@ def lora_target_regex(segmenter: nn.Module, with_convs: bool) -> str:
 
 
 def _apply(segmenter: nn.Module, use_dora: bool, mid_dim: Optional[int], lora_alpha: Optional[float],
-           lora_dropout: float, lora_conv: bool) -> Adaptation:
-    freeze_all_but_decoder(segmenter)
+           lora_dropout: float, lora_conv: bool, decoder: str) -> Adaptation:
     rank = mid_dim or DEFAULT_RANK
+    decoder_tuner = freeze_all_but_decoder(segmenter, decoder, rank)
     lora_config = LoraConfig(r=rank, lora_alpha=lora_alpha or rank, lora_dropout=lora_dropout,
                              target_modules=lora_target_regex(segmenter, lora_conv), use_dora=use_dora)
     tuner = LoraModel(segmenter.image_encoder, lora_config, "default")
-    return Adaptation("sam_dora" if use_dora else "sam_lora", tuner=tuner)
+    return Adaptation("sam_dora" if use_dora else "sam_lora", tuner=tuner, decoder_tuner=decoder_tuner)
 
 
 def apply_lora(segmenter: nn.Module, total_steps: int, **options) -> Adaptation:
-    """options: mid_dim (rank, None: 4), lora_alpha (None: the rank), lora_dropout, lora_conv."""
+    """options: mid_dim (rank, None: 4), lora_alpha (None: the rank), lora_dropout, lora_conv, decoder
+    (full | lora | frozen; decoder LoRA uses the same rank)."""
     return _apply(segmenter, False, **options)
 
 

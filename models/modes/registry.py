@@ -10,9 +10,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-LORA_OPTIONS = frozenset({"mid_dim", "lora_alpha", "lora_dropout", "lora_conv"})
+LORA_OPTIONS = frozenset({"mid_dim", "lora_alpha", "lora_dropout", "lora_conv", "decoder"})
 ADALORA_OPTIONS = frozenset({"lora_alpha", "lora_dropout", "adalora_init_r", "adalora_target_r", "adalora_tinit",
-                             "adalora_tfinal", "adalora_delta_t", "adalora_orth_reg"})
+                             "adalora_tfinal", "adalora_delta_t", "adalora_orth_reg", "decoder"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ def mode_options() -> frozenset:
     return frozenset().union(*(spec.options for spec in _MODES.values()))
 
 
-register_mode(ModeSpec("sam_adpt", "models.modes.adapter:apply_adapter", frozenset({"mid_dim"}), mergeable=False,
+register_mode(ModeSpec("sam_adpt", "models.modes.adapter:apply_adapter", frozenset({"mid_dim", "decoder"}),
+                       mergeable=False,
                        adapter_prefix=(".adapter.",)))
 register_mode(ModeSpec("sam_lora", "models.modes.lora:apply_lora", LORA_OPTIONS, adapter_prefix=(".lora_",)))
 register_mode(ModeSpec("sam_adalora", "models.modes.adalora:apply_adalora", ADALORA_OPTIONS,
