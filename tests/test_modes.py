@@ -584,3 +584,49 @@ def test_adapter_weights_from_another_mode_or_net_are_rejected(tmp_path: Path, s
     assert str(path) in str(error.value) and problem in str(error.value)
     with pytest.raises(UserError, match="does not exist"):
         load_weights(tmp_path / "absent.safetensors", model, full=False)
+
+
+# ----------------------------------------------------------------------------- -decoder
+DECODER_MODES = tuple(m for m in ALL_MODES if "decoder" in get_mode(m).options)
+# the mask decoder's transformer linears that `-decoder lora` adapts: per layer self, token->image and
+# image->token attention (q, k, v, out) and the MLP (lin1, lin2); then the final token->image attention
+DECODER_LINEARS = {f"mask_decoder.transformer.layers.{i}.{attn}.{proj}" for i in range(2)
+                   for attn in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+                   for proj in ("q_proj", "k_proj", "v_proj", "out_proj")} | \
+    {f"mask_decoder.transformer.layers.{i}.mlp.lin{j}" for i in range(2) for j in (1, 2)} | \
+    {f"mask_decoder.transformer.final_attn_token_to_image.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+@pytest.mark.parametrize("decoder", ("full", "lora", "frozen"))
+@pytest.mark.parametrize("mode", DECODER_MODES)
+def test_decoder_setting_fixes_what_trains_in_the_decoder(mode: str, decoder: str) -> None:
+    model, adaptation = adapted("mobile_sam", mode, decoder=decoder)
+    in_decoder = {n for n in trainable(model) if n.startswith("mask_decoder.")}
+    assert {n for n in trainable(model) if not n.startswith("mask_decoder.")}, "the encoder adapters still train"
+    if decoder == "full":
+        assert in_decoder == {n for n, _ in model.mask_decoder.named_parameters(prefix="mask_decoder")}
+    elif decoder == "frozen":
+        assert not in_decoder and adaptation.decoder_tuner is None
+    else:
+        adapted_modules = {n.split(".lora_")[0] for n in in_decoder}
+        assert adapted_modules == DECODER_LINEARS and all(".lora_" in n for n in in_decoder)
+        rank = 4 if mode in ("sam_adpt", "sam_lora", "sam_dora") else Config().adalora_target_r
+        a = dict(model.named_parameters())["mask_decoder.transformer.layers.0.mlp.lin1.lora_A.default.weight"]
+        assert a.shape[0] == rank
+
+
+def test_decoder_lora_trains_merges_and_exports_the_official_layout() -> None:
+    model, adaptation = adapted("mobile_sam", "sam_lora", decoder="lora")
+    perturb_([p for n, p in trainable(model).items() if "lora_B" in n], scale=0.2)
+    loss = task_loss(forward(model))
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads <= set(trainable(model)) and any(n.startswith("mask_decoder.") for n in grads)
+    model.eval()
+    with torch.no_grad():
+        unmerged = forward(model)
+        merge_adapters(adaptation)
+        merged = forward(model)
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
+    assert adaptation.decoder_tuner is None
+    assert list(model.state_dict()) == list(build("mobile_sam").state_dict())
