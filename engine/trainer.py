@@ -24,6 +24,7 @@ from . import checkpoints
 from .evaluation import autocast_context, evaluate, predict_logits, resize_target
 from .logbook import TensorBoardLog, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
+from .peft_format import PEFT_DIR, write_peft_folder
 from .runtime import PeakMemory, Runtime, synchronize
 from .sampler import EpochShuffleSampler
 
@@ -146,6 +147,8 @@ class Trainer:
         if self.runtime.is_main:
             metadata = {"net": self.config.net, "encoder": self.config.encoder, "mod": self.config.mod}
             checkpoints.save_weights(self.run_dir / name, self.model, self.saves_all, metadata)
+            if name == "best.safetensors":  # the same weights in peft's own format (engine/peft_format.py)
+                write_peft_folder(self.run_dir / PEFT_DIR, self.model, self.adaptation, metadata)
 
     # ----------------------------------------------------------------------------- training
     @torch.no_grad()
