@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     from engine.runtime import start_runtime
     from engine.evaluation import evaluate
     from engine.session import build_model, check_base_identity, load_data
-    from models.merge import merge_adapters, official_state
+    from models.merge import merge_adapters
     from models.modes import get_mode
 
     if args.weights is None:  # the base net as it is
@@ -73,9 +73,12 @@ def main(argv=None) -> None:
         if not config.merge and not spec.saves_all:
             raise UserError(f"-export writes an official-format checkpoint: add -merge (-mod {config.mod} "
                             f"keeps adapters apart from the base weights)")
-        checkpoints.atomic_write(Path(config.export),
-                                 lambda tmp: torch.save(official_state(model, config.net, config.encoder), tmp))
-        print(f"wrote {config.export} (official {config.net} key format, loadable with -sam_ckpt)")
+        from models.export import metadata_path, write_export
+        metadata = write_export(Path(config.export), model, config.net, config.encoder, config.image_size,
+                                run["class_names"])
+        print(f"wrote {config.export} (official {config.net} format at {metadata['exported_image_size']} px, "
+              f"loadable with -sam_ckpt and the official builder) and {metadata_path(Path(config.export))}: "
+              f"{metadata['note']}")
 
     class_names = run["class_names"]
     volumes = False
