@@ -124,6 +124,12 @@ def main(argv=None) -> None:
         else:
             written = dataset.volumes  # written during the evaluation
         print(f"{len(written)} predicted label volumes (.nii.gz) written to {config.save_pred}")
+    elif config.save_pred and config.images:  # through the Python API: the CLI and Predictor cannot drift
+        from engine.predict import predict_folder
+        from engine.predictor import Predictor
+        predictor = Predictor(model, config.image_size, runtime.device, class_names, config.amp)
+        count = predict_folder(predictor, dataset, Path(config.save_pred))
+        print(f"{count} predictions written to {config.save_pred}")
     elif config.save_pred:
         count = save_predictions(model, dataset, config, runtime.device, Path(config.save_pred), class_names)
         print(f"{count} predictions written to {config.save_pred}")
