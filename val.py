@@ -22,7 +22,8 @@ def main(argv=None) -> None:
     import torch
 
     from common.errors import UserError
-    from datasets import build_image_folder
+    from common.packages import data_module
+    build_image_folder = data_module().build_image_folder
     from engine import checkpoints
     from engine.predict import save_predictions
     from engine.runtime import start_runtime
@@ -140,7 +141,10 @@ def volume_folder(config, run: dict):
     from pathlib import Path
 
     from common.errors import UserError
-    from datasets.nifti import build_prediction_volumes, list_volumes, parse_window
+    from common.packages import data_module
+    nifti = data_module("nifti")
+    build_prediction_volumes, list_volumes, parse_window = (nifti.build_prediction_volumes, nifti.list_volumes,
+                                                            nifti.parse_window)
 
     folder = Path(config.images)
     if not folder.is_dir() or not list_volumes(folder):

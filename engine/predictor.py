@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datasets import transforms
+from common.packages import data_module
 from models.segmenter import PromptableSegmenter, Prompts
 
 from .evaluation import autocast_context
@@ -90,9 +90,9 @@ class Predictor:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"set_image takes an H x W x 3 RGB image, got shape {image.shape}")
         self.original_hw = image.shape[:2]
-        resized, _ = transforms.resize_longest(image, None, self.image_size)
+        resized, _ = data_module("transforms").resize_longest(image, None, self.image_size)
         self.valid_hw = resized.shape[:2]
-        padded = transforms.pad_to(resized, self.image_size)
+        padded = data_module("transforms").pad_to(resized, self.image_size)
         tensor = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1), dtype=np.float32))[None]
         with autocast_context(self.amp, self.device):
             self.embeddings = self.model.encode(tensor.to(self.device),
