@@ -69,7 +69,9 @@ def format_number(value) -> str:
         return str(value)
     if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
         return f"{int(value):d}"
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3 or abs(value) >= 1e6:
         return f"{value:.3g}"
     return f"{value:.4f}"
 
