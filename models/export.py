@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .merge import official_state
+from .registry import resolve_encoder
 from .sam import SAM_VIT_ARCHS, resize_position_tables
 
 OFFICIAL_SAM_SIZE, SAM_PATCH, SAM_WINDOW = 1024, 16, 14
@@ -47,7 +48,7 @@ def class_outputs(class_names: list[str]) -> list[dict]:
 
 def export_metadata(net: str, encoder: str, image_size: int, class_names: list[str]) -> dict:
     exported_size = OFFICIAL_SAM_SIZE if net == "sam" else image_size
-    return {"net": net, "encoder": encoder, "trained_image_size": image_size, "exported_image_size": exported_size,
+    return {"net": net, "encoder": resolve_encoder(net, encoder), "trained_image_size": image_size, "exported_image_size": exported_size,
             "classes": class_outputs(class_names),
             "note": ("classes other than the first read the decoder's multimask outputs: call the predictor with "
                      "multimask_output=True and take mask `mask_index`" if len(class_names) > 1
@@ -57,6 +58,7 @@ def export_metadata(net: str, encoder: str, image_size: int, class_names: list[s
 def export_state(model: nn.Module, net: str, encoder: str) -> dict:
     """The merged model's official state (wrapped as the net's file is), SAM's tables at 1024 px."""
     state = official_state(model, net, encoder)
+    encoder = resolve_encoder(net, encoder)  # a run's config may say "default"
     if net == "sam":
         flat = state
         state = resize_position_tables(flat, official_sam_shapes(flat, encoder))

@@ -35,11 +35,11 @@ def test_a_256px_sam_export_loads_into_segment_anything_strictly(tmp_path):
     model = merged("sam", 256, 1)
     assert model.image_encoder.pos_embed.shape[1:3] == (16, 16)
     path = tmp_path / "merged.pth"
-    metadata = write_export(path, model, "sam", "vit_b", 256, ["lesion"])
+    metadata = write_export(path, model, "sam", "default", 256, ["lesion"])  # as a run's config.json says
     sam = sam_model_registry["vit_b"](checkpoint=str(path))  # strict load inside segment-anything
     assert sam.image_encoder.pos_embed.shape[1:3] == (64, 64)
     assert torch.equal(sam.mask_decoder.iou_token.weight, model.mask_decoder.iou_token.weight)
-    assert metadata["trained_image_size"] == 256 and metadata["exported_image_size"] == 1024
+    assert metadata["encoder"] == "vit_b" and metadata["trained_image_size"] == 256 and metadata["exported_image_size"] == 1024
     assert json.loads(metadata_path(path).read_text())["classes"][0]["multimask_output"] is False
 
 
