@@ -22,11 +22,42 @@ ZERO_SHOT = "zero_shot"  # the base as it is: what val.py evaluates without -wei
 
 
 def flag(default, help: str, scripts: Sequence[str] = RUN, choices: Optional[Sequence] = None,
-         val_may_change: bool = False):
+         val_may_change: bool = False, group: Optional[str] = None):
     """A Config field: its flag help, the scripts that accept it, and (for flags of the run that val.py
-    also takes) whether val.py may change it; any other run flag is fixed by the run's config.json."""
+    also takes) whether val.py may change it; any other run flag is fixed by the run's config.json.
+    `group`: its section of -h (one of HELP_GROUPS; None: looked up in FLAG_GROUPS by name)."""
     return field(default=default, metadata=dict(help=help, scripts=tuple(scripts), choices=choices,
-                                                val_may_change=val_may_change))
+                                                val_may_change=val_may_change, group=group))
+
+
+# -h sections, in order, and the section of each flag that does not name its own
+HELP_GROUPS = ("model", "adaptation", "data", "training", "output", "evaluation and export", "compare and benchmark")
+FLAG_GROUPS = {
+    "model": "net encoder image_size out_size sam_ckpt",
+    "adaptation": "mod mid_dim lora_alpha lora_dropout lora_conv decoder adalora_init_r adalora_target_r "
+                  "adalora_tinit adalora_tfinal adalora_delta_t adalora_orth_reg",
+    "data": "dataset data_path prompt n_points n_neg_points aug val_frac roi_crop rater_policy synthetic_size "
+            "synthetic_classes slice_axis window labels cache_images max_train max_eval",
+    "training": "b lr weight_decay epochs sched seed amp grad_ckpt cache_embeddings device workers val_freq resume "
+                "ckpt_steps",
+    "output": "vis exp_name ckpt_root figs_root",
+    "evaluation and export": "weights which split json save_pred images boxes prompt_from merge export onnx",
+    "compare and benchmark": "mods seeds runs decoders ranks train_sizes overwrite nets amp_options grad_ckpt_options "
+                             "steps warmup out",
+}
+FLAG_GROUP = {name: group for group, names in FLAG_GROUPS.items() for name in names.split()}
+EXAMPLES = {
+    "train": ["python train.py -dataset isic -data_path DATA -mod sam_lora -epochs 20",
+              "python train.py -net sam -sam_ckpt sam_vit_b_01ec64.pth -image_size 256 -mod sam_adpt -dataset refuge "
+              "-data_path REFUGE",
+              "python train.py -net mobile_sam -mod sam_lora -dataset synthetic -image_size 128 -epochs 4"],
+    "val": ["python val.py -weights checkpoint/<exp_name> -json metrics.json",
+            "python val.py -net lite_medsam -dataset isic -data_path DATA -prompt box   (zero-shot)",
+            "python val.py -weights checkpoint/<exp_name> -images DIR -boxes boxes.csv -save_pred preds/",
+            "python val.py -weights checkpoint/<exp_name> -merge -export merged.pth"],
+    "compare": ["python compare.py -dataset isic -data_path DATA -epochs 10 -seeds 0,1,2"],
+    "benchmark": ["python benchmark.py -nets mobile_sam:tiny_vit,sam:vit_b -steps 5"],
+}
 
 
 @dataclass
@@ -148,19 +179,24 @@ class Config:
 
 
 def _parser(script: str) -> argparse.ArgumentParser:
+    examples = "\n".join(f"  {line}" for line in EXAMPLES.get(script, ()))
     parser = argparse.ArgumentParser(prog=f"{script}.py", argument_default=argparse.SUPPRESS,
-                                     description=f"{script}: SAM-family adaptation toolkit")
+                                     description=f"{script}: SAM-family adaptation toolkit",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"examples:\n{examples}" if examples else None)
+    sections = {name: parser.add_argument_group(f"{name} flags") for name in HELP_GROUPS}
     for f in dataclasses.fields(Config):
         meta = f.metadata
         if script not in meta["scripts"]:
             continue
+        section = sections.get(meta.get("group") or FLAG_GROUP.get(f.name), parser)
         default = f.default
         help_text = f"{meta['help']} (default: {default})"
         if f.type == "bool":
-            parser.add_argument(f"-{f.name}", action="store_true", help=help_text)
+            section.add_argument(f"-{f.name}", action="store_true", help=help_text)
             continue
         kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
-        parser.add_argument(f"-{f.name}", type=kind, choices=meta["choices"], help=help_text,
+        section.add_argument(f"-{f.name}", type=kind, choices=meta["choices"], help=help_text,
                             metavar=None if meta["choices"] else f.name.upper())
     return parser
 

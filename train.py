@@ -22,6 +22,7 @@ def main(argv=None) -> None:
     from engine.sampler import steps_per_epoch
     from engine.session import build_model, format_parameter_table, load_data, run_folders, write_run_config
     from engine.evaluation import evaluate
+    from engine.logbook import format_number
     from engine.trainer import Trainer
     from models.modes import get_mode
 
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
     summary = evaluate(model, dataset, config, runtime, data.class_names, split, original=True)
     if runtime.is_main:
-        print(f"{split} (best weights, original resolution): " + " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+        print(f"{split} (best weights, original resolution): " + " ".join(f"{k}={format_number(v)}" for k, v in summary.items()))
         checkpoints.write_json(run_dir / "final_metrics.json", {
             "split": split, "weights": "best", "metrics": summary, "wall_seconds": time.time() - started,
             "total_params": sum(p.numel() for p in model.parameters())})

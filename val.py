@@ -22,13 +22,14 @@ def main(argv=None) -> None:
     import torch
 
     from common.errors import UserError
-    from datasets import build_image_folder
+    from common.packages import data_module
+    build_image_folder = data_module().build_image_folder
     from engine import checkpoints
     from engine.predict import save_predictions
     from engine.runtime import start_runtime
     from engine.evaluation import evaluate
     from engine.session import build_model, check_base_identity, load_data
-    from models.merge import merge_adapters, official_state
+    from models.merge import merge_adapters
     from models.modes import get_mode
 
     if args.weights is None:  # the base net as it is
@@ -73,9 +74,12 @@ def main(argv=None) -> None:
         if not config.merge and not spec.saves_all:
             raise UserError(f"-export writes an official-format checkpoint: add -merge (-mod {config.mod} "
                             f"keeps adapters apart from the base weights)")
-        checkpoints.atomic_write(Path(config.export),
-                                 lambda tmp: torch.save(official_state(model, config.net, config.encoder), tmp))
-        print(f"wrote {config.export} (official {config.net} key format, loadable with -sam_ckpt)")
+        from models.export import metadata_path, write_export
+        metadata = write_export(Path(config.export), model, config.net, config.encoder, config.image_size,
+                                run["class_names"])
+        print(f"wrote {config.export} (official {config.net} format at {metadata['exported_image_size']} px, "
+              f"loadable with -sam_ckpt and the official builder) and {metadata_path(Path(config.export))}: "
+              f"{metadata['note']}")
 
     class_names = run["class_names"]
     volumes = False
@@ -122,6 +126,12 @@ def main(argv=None) -> None:
         else:
             written = dataset.volumes  # written during the evaluation
         print(f"{len(written)} predicted label volumes (.nii.gz) written to {config.save_pred}")
+    elif config.save_pred and config.images:  # through the Python API: the CLI and Predictor cannot drift
+        from engine.predict import predict_folder
+        from engine.predictor import Predictor
+        predictor = Predictor(model, config.image_size, runtime.device, class_names, config.amp)
+        count = predict_folder(predictor, dataset, Path(config.save_pred))
+        print(f"{count} predictions written to {config.save_pred}")
     elif config.save_pred:
         count = save_predictions(model, dataset, config, runtime.device, Path(config.save_pred), class_names)
         print(f"{count} predictions written to {config.save_pred}")
@@ -132,7 +142,10 @@ def volume_folder(config, run: dict):
     from pathlib import Path
 
     from common.errors import UserError
-    from datasets.nifti import build_prediction_volumes, list_volumes, parse_window
+    from common.packages import data_module
+    nifti = data_module("nifti")
+    build_prediction_volumes, list_volumes, parse_window = (nifti.build_prediction_volumes, nifti.list_volumes,
+                                                            nifti.parse_window)
 
     folder = Path(config.images)
     if not folder.is_dir() or not list_volumes(folder):

@@ -4,7 +4,8 @@ Layouts, detected in this order:
 - REFUGE challenge: Training400/{Glaucoma,Non-Glaucoma}/*.jpg with
   Annotation-Training400/Disc_Cup_Masks/{Glaucoma,Non-Glaucoma}/*.bmp; Validation400/ with
   REFUGE-Validation400-GT/Disc_Cup_Masks/; Test400/ with its ground truth where present
-  (REFUGE-Test-GT/, REFUGE-Test400-GT/ or Annotation-Test400/).
+  (REFUGE-Test-GT/, REFUGE-Test400-GT/ or Annotation-Test400/). The official release's names
+  REFUGE-Validation400/ (+ REFUGE-Validation400-GT/) and REFUGE-Test400/ are found too.
 - Medical-SAM-Adapter's multi-rater form: Training-400/<name>/<name>.jpg with <name>_seg_cup_{1..7}.png and
   <name>_seg_disc_{1..7}.png (and Test-400/); -rater_policy majority (more than half of the raters),
   mean (soft targets: the fraction of raters) or N (rater N only). No validation split: held out.
@@ -119,30 +120,42 @@ def _gt_dir(root: Path, names) -> Optional[Path]:
     return None
 
 
+# image folders of each split: the challenge's short names and the official release's REFUGE- names
+SPLIT_IMAGES = {"train": ("Training400", "REFUGE-Training400"), "val": ("Validation400", "REFUGE-Validation400"),
+                "test": ("Test400", "REFUGE-Test400")}
+
+
+def _first_dir(root: Path, names) -> Optional[Path]:
+    return next((root / name for name in names if (root / name).is_dir()), None)
+
+
 def _challenge(root: Path) -> Optional[Layout]:
-    if not (root / "Training400").is_dir():
+    train_dir = _first_dir(root, SPLIT_IMAGES["train"])
+    if train_dir is None:
         return None
-    train_gt = _gt_dir(root, ("Annotation-Training400",))
+    train_gt = _gt_dir(root, ("Annotation-Training400", "REFUGE-Training400-GT"))
     if train_gt is None:
-        raise UserError(f"{root / 'Training400'} has no masks: expected "
+        raise UserError(f"{train_dir} has no masks: expected "
                         f"{root / 'Annotation-Training400' / 'Disc_Cup_Masks'}")
-    train = _recursive_pairs(root, root / "Training400", train_gt)
+    train = _recursive_pairs(root, train_dir, train_gt)
     val = test = None
     notes = []
-    if (root / "Validation400").is_dir():
-        gt = _gt_dir(root, ("REFUGE-Validation400-GT", "Annotation-Validation400"))
+    val_dir = _first_dir(root, SPLIT_IMAGES["val"])
+    if val_dir is not None:
+        gt = _gt_dir(root, ("REFUGE-Validation400-GT", "Annotation-Validation400", "Validation400-GT"))
         if gt is None:
-            notes.append("Validation400/ has no ground truth (REFUGE-Validation400-GT/): validation held out")
+            notes.append(f"{val_dir.name}/ has no ground truth (REFUGE-Validation400-GT/): validation held out")
         else:
-            val = _recursive_pairs(root, root / "Validation400", gt)
-    if (root / "Test400").is_dir():
+            val = _recursive_pairs(root, val_dir, gt)
+    test_dir = _first_dir(root, SPLIT_IMAGES["test"])
+    if test_dir is not None:
         gt = _gt_dir(root, TEST_GT)
         if gt is None:
-            notes.append("Test400/ has no ground truth: no test split")
+            notes.append(f"{test_dir.name}/ has no ground truth: no test split")
         else:
-            test = _recursive_pairs(root, root / "Test400", gt)
-    return Layout(f"REFUGE challenge (Training400/ + Annotation-Training400/Disc_Cup_Masks/"
-                  f"{', Validation400/' if val else ''}{', Test400/' if test else ''}) in {root}",
+            test = _recursive_pairs(root, test_dir, gt)
+    return Layout(f"REFUGE challenge ({train_dir.name}/ + {train_gt.relative_to(root)}/"
+                  f"{f', {val_dir.name}/' if val else ''}{f', {test_dir.name}/' if test else ''}) in {root}",
                   RefugeCodec(), train, val, test, notes)
 
 

@@ -54,6 +54,28 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def tensorboard_tag(key: str) -> str:
+    """metrics.csv column -> grouped TensorBoard tag (val/dice_mean, train/loss, train/lr, run/peak_mem_mb)."""
+    if key.startswith("val_"):
+        return f"val/{key[4:]}"
+    if key.startswith("train_"):
+        return f"train/{key[6:]}"
+    return "train/lr" if key == "lr" else f"run/{key}"
+
+
+def format_number(value) -> str:
+    """Meaningful precision for the console: counts as integers, 1e-05 not 0.0000, metrics to 4 decimals."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return f"{int(value):d}"
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3 or abs(value) >= 1e6:
+        return f"{value:.3g}"
+    return f"{value:.4f}"
+
+
 class TensorBoardLog:
     """Scalars and overlay images per epoch; a no-op object on non-main processes."""
 
@@ -64,12 +86,20 @@ class TensorBoardLog:
             self.writer = SummaryWriter(str(folder))
 
     def scalars(self, row: dict, step: int) -> None:
+        """One epoch's row, tags grouped: val_* -> val/*, train_loss and lr -> train/*, the rest -> run/*."""
         if self.writer is None:
             return
         for key, value in row.items():
             if key != "epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, step)
+                self.writer.add_scalar(tensorboard_tag(key), value, step)
         self.writer.flush()
+
+    def step_scalars(self, values: dict, step: int) -> None:
+        """Per-step values (train/loss_step, train/lr_step) at the global step; flushed with the epoch."""
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
 
     def image(self, tag: str, png_path: Path, step: int) -> None:
         if self.writer is None:

@@ -10,7 +10,7 @@ import torch
 
 from cfg import ZERO_SHOT, Config, experiment_name
 from common.errors import UserError
-from datasets import DataBundle, DataOptions, build_datasets
+from common.packages import data_module
 from models import build_segmenter
 from models.packaged import file_sha256
 from models.registry import RANDOM, base_checkpoint
@@ -20,6 +20,10 @@ from models.modes.adaptation import Adaptation, parameter_table
 from models.segmenter import PromptableSegmenter
 
 from . import checkpoints
+
+# the data package, `datasets` or `medsam_peft.datasets` (common/packages.py)
+_data = data_module()
+DataBundle, DataOptions, build_datasets = _data.DataBundle, _data.DataOptions, _data.build_datasets
 
 
 def seed_everything(seed: int) -> None:

@@ -13,17 +13,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from cfg import Config
 from models.modes import get_mode
 from models.modes.adaptation import Adaptation
 from models.segmenter import PromptableSegmenter
+from common.progress import progress as progress_bar
 
 from . import checkpoints
 from .evaluation import IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
-from .logbook import TensorBoardLog, plot_curves, write_metrics_csv
+from .logbook import TensorBoardLog, format_number, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
+from .peft_format import PEFT_DIR, write_peft_folder
 from .runtime import PeakMemory, Runtime, synchronize
 from .sampler import EpochShuffleSampler
 
@@ -130,6 +131,8 @@ class Trainer:
         if self.runtime.is_main:
             metadata = {"net": self.config.net, "encoder": self.config.encoder, "mod": self.config.mod}
             checkpoints.save_weights(self.run_dir / name, self.model, self.saves_all, metadata)
+            if name == "best.safetensors":  # the same weights in peft's own format (engine/peft_format.py)
+                write_peft_folder(self.run_dir / PEFT_DIR, self.model, self.adaptation, metadata)
 
     # ----------------------------------------------------------------------------- training
     @torch.no_grad()
@@ -171,8 +174,8 @@ class Trainer:
         self.train_set.set_epoch(state.epoch)
         loader = DataLoader(self.train_set, batch_size=config.b, sampler=self.sampler, num_workers=config.workers,
                             pin_memory=self.runtime.device.type == "cuda", drop_last=True)
-        progress = tqdm(loader, desc=f"epoch {state.epoch}/{config.epochs}", leave=False,
-                        disable=None if self.runtime.is_main else True)
+        progress = progress_bar(loader, desc=f"epoch {state.epoch}/{config.epochs}", disable=not self.runtime.is_main)
+        steps = self.sampler.steps_per_epoch()
         synchronize(self.runtime.device)
         started = time.perf_counter()
         for batch in progress:
@@ -181,6 +184,8 @@ class Trainer:
             state.images_seen += batch["image"].shape[0]
             state.step_in_epoch += 1
             progress.set_postfix(loss=f"{loss:.4f}")
+            self.tensorboard.step_scalars({"train/loss_step": loss, "train/lr_step": self.optimizer.param_groups[0]["lr"]},
+                                          (state.epoch - 1) * steps + state.step_in_epoch)
             if self.checkpoint_every and state.step_in_epoch % self.checkpoint_every == 0:
                 synchronize(self.runtime.device)
                 state.seconds += time.perf_counter() - started
@@ -230,8 +235,7 @@ class Trainer:
     def _report(self, row: dict) -> None:
         if not self.runtime.is_main:
             return
-        shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
-        print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        print(" ".join(f"{k}={format_number(v)}" for k, v in row.items()), flush=True)
         write_metrics_csv(self.run_dir / "metrics.csv", self.state.history)
         plot_curves(self.state.history, self.figs_dir / "curves.png", self.run_dir.name)
         self.tensorboard.scalars(row, row["epoch"])

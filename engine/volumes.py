@@ -26,7 +26,10 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from datasets.nifti import VolumeSliceDataset, ras_to_file_orientation
+from common.packages import data_module
+
+VolumeSliceDataset, ras_to_file_orientation = (data_module("nifti").VolumeSliceDataset,
+                                                 data_module("nifti").ras_to_file_orientation)
 
 
 def dice_iou_3d(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

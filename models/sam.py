@@ -80,17 +80,22 @@ def build_sam_vit(encoder: str, image_size: int, num_classes: int, **overrides) 
 def resize_sam_position_tables(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Interpolate the absolute position embedding (bicubic) and the relative-position tables
     (linear) of an official SAM checkpoint to the model's image size; other keys pass unchanged."""
-    target = model.state_dict()
+    return resize_position_tables(state_dict, {k: v.shape for k, v in model.state_dict().items()})
+
+
+def resize_position_tables(state_dict: dict[str, Tensor], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """Interpolate the position tables of `state_dict` to `shapes` (key -> wanted shape; also used in
+    reverse by models/export.py to give a run's tables the official 1024-px shapes)."""
     resized = dict(state_dict)
     for key, value in state_dict.items():
-        if key not in target or target[key].shape == value.shape:
+        if key not in shapes or tuple(shapes[key]) == tuple(value.shape):
             continue
         if key.endswith("image_encoder.pos_embed"):
-            grid = target[key].shape[1:3]
+            grid = tuple(shapes[key][1:3])
             resized[key] = F.interpolate(value.permute(0, 3, 1, 2).float(), size=grid, mode="bicubic",
                                          align_corners=False).permute(0, 2, 3, 1).to(value.dtype)
-        elif key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and value.shape[1] == target[key].shape[1]:
-            length = target[key].shape[0]
+        elif key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and value.shape[1] == shapes[key][1]:
+            length = shapes[key][0]
             resized[key] = F.interpolate(value.t()[None].float(), size=length, mode="linear",
                                          align_corners=False)[0].t().to(value.dtype)
     return resized

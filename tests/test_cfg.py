@@ -213,3 +213,15 @@ def test_train_script_reports_a_flag_error_on_one_line():
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and "-lora_alpha" in lines[0]
+
+
+def test_every_flag_has_a_help_section_and_help_ends_with_examples(capsys):
+    import dataclasses
+
+    from cfg import FLAG_GROUP, HELP_GROUPS, _parser
+
+    for f in dataclasses.fields(Config):
+        assert (f.metadata.get("group") or FLAG_GROUP.get(f.name)) in HELP_GROUPS, f.name
+    text = _parser("train").format_help()
+    assert text.index("model flags:") < text.index("adaptation flags:") < text.index("training flags:")
+    assert text.rstrip().splitlines()[-1].strip().startswith("python train.py")

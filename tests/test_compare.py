@@ -81,3 +81,13 @@ def test_compare_trains_tabulates_and_resumes(tmp_path):
     changed = subprocess.run(command + ["-lr", "0.01"], cwd=REPO, capture_output=True, text=True, timeout=600,
                              env=env)
     assert changed.returncode == 2 and "-lr 0.0001 -> 0.01" in changed.stderr and "-overwrite" in changed.stderr
+
+
+def test_compare_runs_from_any_working_directory(tmp_path):
+    """compare.py starts train.py/val.py by absolute path, so it works outside the repository."""
+    from engine.compare import REPO as SCRIPTS
+
+    assert SCRIPTS.is_absolute() and (SCRIPTS / "train.py").is_file() and (SCRIPTS / "val.py").is_file()
+    result = subprocess.run([sys.executable, str(REPO / "compare.py"), "-h"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "usage: compare.py" in result.stdout

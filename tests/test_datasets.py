@@ -544,3 +544,19 @@ def test_image_cache_gives_the_same_samples(make_options):
             a, b = plain.train[index], cached.train[index]
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     assert len(cached.train.resized_cache) == len(cached.train) and not plain.train.resized_cache
+
+
+def test_refuge_official_release_names_are_detected(tmp_path, make_options, fake):
+    """The official release's REFUGE-Validation400/ + REFUGE-Validation400-GT/ and REFUGE-Test400/ (+ GT)."""
+    root = tmp_path / "data"
+    for i in range(3):
+        fake.image(root / "Training400" / "Glaucoma" / f"g{i:04d}.jpg", seed=i)
+        fake.mask(root / "Annotation-Training400" / "Disc_Cup_Masks" / "Glaucoma" / f"g{i:04d}.bmp", fake.refuge())
+    for i in range(2):
+        fake.image(root / "REFUGE-Validation400" / f"V{i:04d}.jpg", seed=10 + i)
+        fake.mask(root / "REFUGE-Validation400-GT" / "Disc_Cup_Masks" / f"V{i:04d}.bmp", fake.refuge())
+        fake.image(root / "REFUGE-Test400" / f"T{i:04d}.jpg", seed=20 + i)
+        fake.mask(root / "REFUGE-Test-GT" / "Disc_Cup_Masks" / f"T{i:04d}.bmp", fake.refuge())
+    data = build_datasets(make_options(dataset="refuge", data_path=root))
+    assert (len(data.train), len(data.val), len(data.test)) == (3, 2, 2)
+    assert "REFUGE-Validation400/" in data.layout and "REFUGE-Test400/" in data.layout

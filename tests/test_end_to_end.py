@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,14 @@ def test_training_improves_dice_and_val_reproduces_it(tmp_path):
     assert json.loads(out.read_text())["metrics"]["dice_mean"] == pytest.approx(float(history[-1]["val_dice_mean"]), abs=1e-6)
     predictions = sorted(p.name for p in (tmp_path / "pred").iterdir())
     assert len(predictions) == 2 * 4 and any(name.endswith("_overlay.png") for name in predictions)
+    # the Python API rebuilds the same run; a PEFT run also wrote its adapters in peft's format
+    from engine.predictor import Predictor
+    predictor = Predictor.from_run(run_dir, which="last", device="cpu")
+    predictor.set_image(np.zeros((40, 50, 3), np.uint8))
+    masks, scores = predictor.predict(box=[5, 5, 30, 30])
+    assert masks.shape == (1, 40, 50) and scores.shape == (1,)
+    assert {"adapter_config.json", "adapter_model.safetensors", "mask_decoder.safetensors"} <= \
+        {p.name for p in (run_dir / "peft").iterdir()}
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):

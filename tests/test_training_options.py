@@ -64,3 +64,11 @@ def test_worker_error_becomes_one_line():
     with pytest.raises(UserError) as caught:
         next(iter(DataLoader(Broken(), num_workers=1)))
     assert one_line(caught.value) == "cannot decode image x.jpg: re-download or remove it"
+
+
+def test_console_numbers_and_tensorboard_tags():
+    from engine.logbook import format_number, tensorboard_tag
+
+    assert [format_number(v) for v in (1e-5, 0.123456, 3, 12.0, 0.0)] == ["1e-05", "0.1235", "3", "12", "0"]
+    assert [tensorboard_tag(k) for k in ("val_dice_mean", "train_loss", "lr", "peak_mem_mb")] == \
+        ["val/dice_mean", "train/loss", "train/lr", "run/peak_mem_mb"]
