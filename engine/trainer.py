@@ -131,11 +131,11 @@ class Trainer:
         self.updated_parameters: Optional[dict[str, int]] = None  # per part, after the first step
         self.network = model
         if runtime.distributed:
-            # No find_unused_parameters: every trainable parameter of every mode is in the autograd graph
-            # (the IoU head and the unused mask tokens' hypernetworks get zero gradients, not none), so
-            # the extra graph traversal per step would find nothing; DDP fails loudly should that change.
+            # static_graph: the same parameters take part in every step (the IoU head never reaches the loss,
+            # the hypernetworks of unused mask tokens get zero gradients); DDP learns that once on the first
+            # step instead of find_unused_parameters' extra graph traversal every step
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.network = DistributedDataParallel(model, device_ids=device_ids)
+            self.network = DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
 
     # ----------------------------------------------------------------------------- resume
@@ -158,8 +158,15 @@ class Trainer:
             self.updated_parameters = saved.get("updated_parameters")
         set_rng_state(saved["rng"])
 
+    def _wait_for_writer(self) -> None:
+        """Every rank waits until the main process has written a file that other ranks may read next
+        (train.py's final evaluation loads best.safetensors on every rank)."""
+        if self.runtime.distributed:
+            dist.barrier()
+
     def _save_last(self) -> None:
         if not self.runtime.is_main:
+            self._wait_for_writer()
             return
         state = {"model": checkpoints.changed_tensors(self.model, self.saves_all), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
@@ -167,11 +174,13 @@ class Trainer:
                  "rng": rng_state(), "world_size": self.runtime.world_size,
                  "updated_parameters": self.updated_parameters}
         checkpoints.save_state(self.run_dir / checkpoints.LAST_STATE, state)
+        self._wait_for_writer()
 
     def _save_weights(self, name: str) -> None:
         if self.runtime.is_main:
             metadata = {"net": self.config.net, "encoder": self.config.encoder, "mod": self.config.mod}
             checkpoints.save_weights(self.run_dir / name, self.model, self.saves_all, metadata)
+        self._wait_for_writer()
 
     # ----------------------------------------------------------------------------- training
     @torch.no_grad()
