@@ -131,11 +131,10 @@ class Trainer:
         self.updated_parameters: Optional[dict[str, int]] = None  # per part, after the first step
         self.network = model
         if runtime.distributed:
-            # static_graph: the same parameters take part in every step (the IoU head never reaches the loss,
-            # the hypernetworks of unused mask tokens get zero gradients); DDP learns that once on the first
-            # step instead of find_unused_parameters' extra graph traversal every step
+            # find_unused: the IoU head never reaches the loss in any mode (its output is returned, so DDP's
+            # traversal may report nothing unused, yet it gets no gradient); static_graph failed with sam_lora
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.network = DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
+            self.network = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
 
     # ----------------------------------------------------------------------------- resume

@@ -147,4 +147,3 @@ def test_data_parallel_ranks_wait_for_the_checkpoint_writer(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 0, errors or result.stderr[-1500:]
     assert (tmp_path / "ck" / "race" / "final_metrics.json").is_file()
-    assert "find_unused_parameters=True" not in result.stderr, "DDP traverses the graph for unused parameters"
