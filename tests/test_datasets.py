@@ -298,9 +298,12 @@ def test_refuge_roi_crop(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "data", fake, count=4, mask=np.pad(fake.refuge(), ((40, 40), (40, 40)),
                                                                        constant_values=255))
     data = build_datasets(make_options(dataset="refuge", data_path=root, roi_crop=True, image_size=32))
-    train, val = data.train[0], data.val[0]
-    assert train["mask"][0].mean() > 3 * val["mask"][0].mean()  # the disc fills more of the crop
-    assert train["original_hw"].tolist() == [104, 112]
+    whole = build_datasets(make_options(dataset="refuge", data_path=root, roi_crop=False, image_size=32))
+    for cropped, full in ((data.val[0], whole.val[0]), (data.train[0], whole.train[0])):
+        # the disc fills more of the crop, in training AND in validation (evaluated the way the run trained)
+        assert cropped["mask"][0].mean() > 3 * full["mask"][0].mean()
+        assert full["original_hw"].tolist() == [104, 112]
+        assert cropped["original_hw"].tolist() != [104, 112]  # the evaluated frame is the crop
 
 
 @pytest.mark.parametrize("policy,disc_cols,soft", [("majority", 24, False), ("1", 22, False), ("3", 26, False),
