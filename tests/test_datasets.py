@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import missing
 import torch
 from torch.utils.data import default_collate
 
@@ -503,8 +505,9 @@ def test_error_boxes_csv(tmp_path, fake):
 
 # --- real data (skipped when /work/shared/data is missing) ----------------------------------------
 
-@pytest.mark.skipif(not (SHARED_DATA / "isic2017" / "train.csv").is_file(), reason="shared isic2017 missing")
 def test_real_isic2017(make_options):
+    if not (SHARED_DATA / "isic2017" / "train.csv").is_file():
+        missing("shared isic2017 missing")
     data = build_datasets(make_options(dataset="isic", data_path=SHARED_DATA / "isic2017", image_size=64))
     assert (len(data.train), len(data.val), len(data.test)) == (2000, 150, 600)
     assert "train.csv/val.csv/test.csv" in data.layout and data.num_classes == 1
@@ -513,8 +516,9 @@ def test_real_isic2017(make_options):
     assert sample["name"] == "ISIC_0001769"
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "refuge_sample" / "images").is_dir(), reason="shared refuge_sample missing")
 def test_real_refuge_sample(make_options):
+    if not (SHARED_DATA / "refuge_sample" / "images").is_dir():
+        missing("shared refuge_sample missing")
     data = build_datasets(make_options(dataset="refuge", data_path=SHARED_DATA / "refuge_sample", image_size=64))
     assert len(data.train) + len(data.val) == 8 and data.test is None
     assert data.num_classes == 2 and data.class_names == ["disc", "cup"] and "images/ + masks/" in data.layout
