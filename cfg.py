@@ -96,7 +96,7 @@ class Config:
     n_neg_points: int = flag(0, "negative clicks per class", ALL, val_may_change=True)
     aug: str = flag("light", "training augmentation", RUN, choices=("none", "light", "strong"))
     val_frac: float = flag(0.2, "held-out validation fraction when the layout has no validation split", RUN)
-    roi_crop: bool = flag(False, "refuge: train on a crop around the optic disc", RUN)
+    roi_crop: bool = flag(False, "refuge: train, validate and test on a crop around the ground-truth optic disc", RUN)
     rater_policy: str = flag("majority", "refuge multi-rater masks: majority | mean | rater number 1..7", ALL, val_may_change=True)
     synthetic_size: int = flag(64, "synthetic: number of training images (val/test get a quarter each)", ALL)
     synthetic_classes: int = flag(1, "synthetic: 1 (lesion) or 2 (nested disc+cup-like classes)", ALL)

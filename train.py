@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     from engine import checkpoints
     from engine.runtime import start_runtime, stop_runtime
     from engine.sampler import steps_per_epoch
-    from engine.session import build_model, format_parameter_table, load_data, run_folders, write_run_config
+    from engine.session import build_model, check_base_identity, format_parameter_table, load_data, run_folders, write_run_config
     from engine.evaluation import evaluate
     from engine.logbook import format_number
     from engine.trainer import Trainer
@@ -31,6 +31,10 @@ def main(argv=None) -> None:
         saved = checkpoints.read_run_config(config.resume)
         overrides = {name: getattr(config, name) for name in given if name != "resume"}
         config = dataclasses.replace(Config.from_json(saved), resume=config.resume, **overrides)
+        base = saved.get("run", {}).get("base")
+        if base:  # the recorded absolute path (works from any folder), and it must still be the same file
+            config = dataclasses.replace(config, sam_ckpt=base["path"])
+        check_base_identity(base, config)
         splits = checkpoints.load_splits(config.resume)
     runtime = start_runtime(config.device)
     run_dir, figs_dir = (Path(config.resume), Path(config.figs_root) / Path(config.resume).name) if config.resume \

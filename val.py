@@ -66,10 +66,11 @@ def main(argv=None) -> None:
         print(f"loaded {weights}")
     if config.merge:
         try:
-            merge_adapters(adaptation)
+            merged = merge_adapters(adaptation)
         except ValueError as error:
             raise UserError(f"-merge: {error}") from None
-        print("adapters merged into the base weights")
+        print("adapters merged into the base weights" if merged else
+              f"-merge: nothing to merge, -mod {config.mod} has no adapters (its weights already are base tensors)")
     if config.export:
         if not config.merge and not spec.saves_all:
             raise UserError(f"-export writes an official-format checkpoint: add -merge (-mod {config.mod} "

@@ -122,7 +122,9 @@ class SegmentationDataset(Dataset):
         self.options = options
         self.train = train
         self.size = options.image_size
-        self.roi_crop = bool(options.roi_crop and train)
+        # -roi_crop: every split is cropped around the ground-truth disc, so validation and test measure
+        # what the run trained on (the evaluated frame, original_hw, is then the crop)
+        self.roi_crop = bool(options.roi_crop)
         self.augment = transforms.build_augment(options.aug) if train else None
         self.epoch = 0
         self.resized_cache: dict[int, tuple] = {}  # -cache_images (one copy per loader worker)
@@ -166,7 +168,7 @@ class SegmentationDataset(Dataset):
         return record.image if record.image is not None else read_image(Path(record.image_path))
 
     def load_resized(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        """Decoded image and its mask (H x W x C), ROI-cropped in training if asked, resized longest-side
+        """Decoded image and its mask (H x W x C), ROI-cropped (every split) if asked, resized longest-side
         to S: the deterministic part of the pipeline, which -cache_images keeps in memory."""
         record = self.records[index]
         image = self.load_image(index)
@@ -174,10 +176,10 @@ class SegmentationDataset(Dataset):
         if image.shape[:2] != mask.shape[1:]:
             raise UserError(f"image {record.image_path} decodes to {image.shape[1]}x{image.shape[0]} but its "
                             f"mask is {mask.shape[2]}x{mask.shape[1]}: masks must match their images")
-        original_hw = image.shape[:2]
         mask = np.ascontiguousarray(mask.transpose(1, 2, 0))
         if self.roi_crop:
             image, mask = transforms.roi_crop(image, mask)
+        original_hw = image.shape[:2]
         image, mask = transforms.resize_longest(image, mask, self.size)
         return image, mask, original_hw
 

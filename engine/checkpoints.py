@@ -18,6 +18,12 @@ from models.state_dicts import key_differences
 CONFIG, SPLITS, LAST_STATE = "config.json", "splits.json", "last.pt"
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) then rename onto `path`: a crash leaves the old file intact."""
     path = Path(path)
@@ -26,6 +32,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         write(tmp)
+        # mkstemp makes 0600 (and some writers recreate the file): give it the usual mode, 0666 & ~umask,
+        # so that other users of a shared cluster can read the run's files
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

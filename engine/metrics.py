@@ -4,6 +4,11 @@ Predictions are sigmoid(logits) > 0.5 (hard masks, never averaged over threshold
 binarised at 0.5 (soft multi-rater targets included). Only the un-padded region counts. An image
 whose class is empty in both target and prediction scores Dice = IoU = 1 for that class; empty
 target with a non-empty prediction (or the reverse) scores 0.
+
+vCDR (disc + cup): the mean absolute error of the vertical cup-to-disc ratio over the images whose
+ground truth has a disc. An image whose predicted disc is empty (the model failed; its ratio is
+undefined) is not left out: it counts with the largest possible error for a ratio in [0, 1],
+max(truth, 1 - truth), and `vcdr_failed` reports how many such images there were.
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ class MetricAccumulator:
         classes = len(self.class_names)
         zeros = {"dice": torch.zeros(classes), "iou": torch.zeros(classes), "count": torch.tensor(0.0)}
         if self.class_names == ["disc", "cup"]:
-            zeros.update(cdr_error=torch.tensor(0.0), cdr_count=torch.tensor(0.0))
+            zeros.update(cdr_error=torch.tensor(0.0), cdr_count=torch.tensor(0.0), cdr_failed=torch.tensor(0.0))
         for key, value in zeros.items():
             self.sums.setdefault(key, value.double())
 
@@ -71,10 +76,13 @@ class MetricAccumulator:
         batch = {"dice": dice.sum(0), "iou": iou.sum(0), "count": torch.tensor(float(dice.shape[0]))}
         if self.class_names == ["disc", "cup"]:
             pred, truth = (logits > 0) & valid, (target > 0.5) & valid
-            error = (vertical_cdr(pred[:, 0], pred[:, 1]) - vertical_cdr(truth[:, 0], truth[:, 1])).abs()
-            defined = ~error.isnan()
-            batch["cdr_error"] = error[defined].sum()
-            batch["cdr_count"] = defined.sum().float()
+            true_cdr, pred_cdr = vertical_cdr(truth[:, 0], truth[:, 1]), vertical_cdr(pred[:, 0], pred[:, 1])
+            scored = ~true_cdr.isnan()  # the ground truth has a disc
+            failed = scored & pred_cdr.isnan()  # ... but the prediction has none: the largest possible error
+            error = torch.where(failed, torch.maximum(true_cdr, 1 - true_cdr), (pred_cdr - true_cdr).abs())
+            batch["cdr_error"] = error[scored].sum()
+            batch["cdr_count"] = scored.sum().float()
+            batch["cdr_failed"] = failed.sum().float()
         for key, value in batch.items():
             value = value.detach().double().cpu()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
@@ -89,6 +97,7 @@ class MetricAccumulator:
             result[f"{metric}_mean"] = float(per_class.mean())
         if "cdr_count" in self.sums and float(self.sums["cdr_count"]) > 0:
             result["vcdr_mae"] = float(self.sums["cdr_error"] / self.sums["cdr_count"])
+            result["vcdr_failed"] = float(self.sums["cdr_failed"])
         result["images"] = count
         return result
 

@@ -94,11 +94,18 @@ def build_base(config: Config, num_classes: int, verbose: bool = False) -> Promp
     return model
 
 
-def format_parameter_table(model: torch.nn.Module, mode: str) -> str:
-    lines = [f"trainable parameters ({mode}):", f"  {'part':<17}{'trainable':>13}{'total':>13}{'share':>9}"]
+def format_parameter_table(model: torch.nn.Module, mode: str, updated: Optional[dict[str, int]] = None) -> str:
+    """The trainable-parameter table; with `updated` (per part, from the first real step: elements whose
+    gradient is non-zero) an `updated` column tells the parameters that train from those that merely could."""
+    extra = f"{'updated':>13}" if updated is not None else ""
+    lines = [f"trainable parameters ({mode}){' and those the first step updated' if extra else ''}:",
+             f"  {'part':<17}{'trainable':>13}{extra}{'total':>13}{'share':>9}"]
     for part, trainable, total in parameter_table(model, get_mode(mode).adapter_prefix):
         share = f"{100 * trainable / total:.2f}%" if total else "-"
-        lines.append(f"  {part:<17}{trainable:>13,}{total:>13,}{share:>9}")
+        if updated is not None:
+            count = sum(updated.values()) if part == "all" else updated.get(part, 0)
+            extra = f"{count:>13,}"
+        lines.append(f"  {part:<17}{trainable:>13,}{extra}{total:>13,}{share:>9}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,8 +16,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from cfg import Config
+from common.errors import UserError
 from models.modes import get_mode
-from models.modes.adaptation import Adaptation
+from models.modes.adaptation import Adaptation, parameter_parts
 from models.segmenter import PromptableSegmenter
 from common.progress import progress as progress_bar
 
@@ -62,6 +64,17 @@ def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
             module.eval()
 
 
+def updated_parameter_counts(model: nn.Module, mode: str) -> dict[str, int]:
+    """Per part of the parameter table, the trainable elements whose gradient is non-zero after a real
+    backward: trainable parameters that never get one (SAM's IoU head, the hypernetworks of the mask
+    tokens no class reads) are counted as trainable but not as updated."""
+    counts: dict[str, int] = {}
+    for part, name, param in parameter_parts(model, get_mode(mode).adapter_prefix):
+        if param.requires_grad and param.grad is not None and bool(torch.count_nonzero(param.grad)):
+            counts[part] = counts.get(part, 0) + param.numel()
+    return counts
+
+
 @dataclass
 class TrainState:
     """Everything that changes during a run and must survive a kill (kept in last.pt)."""
@@ -100,8 +113,11 @@ class Trainer:
         self.embedding_cache: dict[int, Tensor] = {}
         if config.cache_embeddings:
             self.train_set = IndexedDataset(train_set)
+        self.updated_parameters: Optional[dict[str, int]] = None  # per part, after the first step
         self.network = model
-        if runtime.distributed:  # find_unused: e.g. the IoU head and the unused mask tokens get no gradient
+        if runtime.distributed:
+            # find_unused: the IoU head never reaches the loss in any mode (its output is returned, so DDP's
+            # traversal may report nothing unused, yet it gets no gradient); static_graph failed with sam_lora
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.network = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
@@ -109,6 +125,12 @@ class Trainer:
     # ----------------------------------------------------------------------------- resume
     def resume(self) -> None:
         saved = checkpoints.load_state(self.run_dir / checkpoints.LAST_STATE)
+        world = saved.get("world_size", self.runtime.world_size)  # last.pt files before it was recorded
+        if world != self.runtime.world_size:
+            # steps per epoch, total steps, the AdaLoRA budget and the resume point all depend on it
+            how = f"torchrun --nproc_per_node {world} train.py" if world > 1 else "python train.py"
+            raise UserError(f"{self.run_dir} was trained by {world} process(es), this is {self.runtime.world_size}: "
+                            f"resume it the same way, {how} -resume {self.run_dir}")
         own = self.model.state_dict()
         self.model.load_state_dict({k: v.to(own[k].device) for k, v in saved["model"].items()}, strict=False)
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -116,16 +138,27 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
         self.adaptation.load_state_dict(saved["adaptation"])
         self.state = TrainState(**saved["train_state"])
+        if self.state.global_step and self.updated_parameters is None:
+            self.updated_parameters = saved.get("updated_parameters")
         set_rng_state(saved["rng"])
+
+    def _wait_for_writer(self) -> None:
+        """Every rank waits until the main process has written a file that other ranks may read next
+        (train.py's final evaluation loads best.safetensors on every rank)."""
+        if self.runtime.distributed:
+            dist.barrier()
 
     def _save_last(self) -> None:
         if not self.runtime.is_main:
+            self._wait_for_writer()
             return
         state = {"model": checkpoints.changed_tensors(self.model, self.saves_all), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "adaptation": self.adaptation.state_dict(), "train_state": vars(self.state).copy(),
-                 "rng": rng_state()}
+                 "rng": rng_state(), "world_size": self.runtime.world_size,
+                 "updated_parameters": self.updated_parameters}
         checkpoints.save_state(self.run_dir / checkpoints.LAST_STATE, state)
+        self._wait_for_writer()
 
     def _save_weights(self, name: str) -> None:
         if self.runtime.is_main:
@@ -133,6 +166,7 @@ class Trainer:
             checkpoints.save_weights(self.run_dir / name, self.model, self.saves_all, metadata)
             if name == "best.safetensors":  # the same weights in peft's own format (engine/peft_format.py)
                 write_peft_folder(self.run_dir / PEFT_DIR, self.model, self.adaptation, metadata)
+        self._wait_for_writer()
 
     # ----------------------------------------------------------------------------- training
     @torch.no_grad()
@@ -158,10 +192,16 @@ class Trainer:
         extra = self.adaptation.extra_loss()
         total = loss if extra is None else loss + extra
         self.scaler.scale(total).backward()
+        if self.updated_parameters is None:
+            self.updated_parameters = updated_parameter_counts(self.model, self.adaptation.mode)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state.global_step += 1
-        self.adaptation.after_backward(self.state.global_step)
+        # -amp fp16: the scaler skips a step with inf/NaN gradients (and lowers its scale); AdaLoRA's
+        # allocator must not see those gradients (one call makes its importance scores NaN for good)
+        if self.scaler.get_scale() >= scale:
+            self.adaptation.after_backward(self.state.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return float(loss.detach())
@@ -179,7 +219,12 @@ class Trainer:
         synchronize(self.runtime.device)
         started = time.perf_counter()
         for batch in progress:
+            first = self.updated_parameters is None
             loss = self.train_step(batch)
+            if first and self.runtime.is_main:
+                from .session import format_parameter_table
+
+                tqdm.write(format_parameter_table(self.model, self.config.mod, self.updated_parameters))
             state.loss_sum += loss * batch["image"].shape[0]
             state.images_seen += batch["image"].shape[0]
             state.step_in_epoch += 1
@@ -204,7 +249,8 @@ class Trainer:
                "lr": self.optimizer.param_groups[0]["lr"], "peak_mem_mb": round(self.memory.peak_mb(), 1),
                "images_per_s": round(float(loss_sum[1]) / max(state.seconds, 1e-9), 3),
                "sec_per_step": round(state.seconds / steps, 4),
-               "trainable_params": sum(p.numel() for p in self.params), "world_size": world}
+               "trainable_params": sum(p.numel() for p in self.params),
+               "updated_params": sum((self.updated_parameters or {}).values()), "world_size": world}
         rank = self.adaptation.total_rank()
         if rank is not None:
             row["total_rank"] = rank

@@ -8,19 +8,23 @@ from .modes.adaptation import Adaptation
 from .registry import net_entry
 
 
-def merge_adapters(adaptation: Adaptation) -> None:
+def merge_adapters(adaptation: Adaptation) -> bool:
     """Merge the peft tuners into the encoder (and decoder) in place; afterwards no adapter code runs.
+    Returns whether anything merged (False for modes without adapters: sam_full, sam_decoder train the
+    base tensors).
 
     Raises ValueError for a mode whose weights are not a linear update of the base weights."""
     if not get_mode(adaptation.mode).mergeable:
         raise ValueError(f"mode {adaptation.mode} cannot be merged: its adapters are not a linear update of any "
                          f"base weight (a nonlinearity sits between their projections); evaluate it unmerged")
-    if adaptation.tuner is not None:
-        adaptation.tuner.merge_and_unload()
-        adaptation.tuner = None
-    if adaptation.decoder_tuner is not None:
-        adaptation.decoder_tuner.merge_and_unload()
-        adaptation.decoder_tuner = None
+    merged = False
+    for attribute in ("tuner", "decoder_tuner"):
+        tuner = getattr(adaptation, attribute)
+        if tuner is not None:
+            tuner.merge_and_unload()
+            setattr(adaptation, attribute, None)
+            merged = True
+    return merged
 
 
 def official_state(model: nn.Module, net: str, encoder: str) -> dict:

@@ -1,9 +1,17 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def missing(reason: str) -> None:
+    """Skip locally; under CI (CI=true) a missing ../shared must fail the run, not silently pass it."""
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"{reason} (CI=true: tests that need ../shared must not skip)")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -11,7 +19,7 @@ def shared_dir() -> Path:
     """The shared folder beside the repo (../shared); tests that need it skip when it is missing."""
     path = Path(__file__).resolve().parents[2] / "shared"
     if not path.is_dir():
-        pytest.skip(f"{path} is missing")
+        missing(f"{path} is missing")
     return path
 
 
@@ -19,7 +27,7 @@ def reference_file(shared_dir: Path, name: str) -> Path:
     """A file of ../shared/reference; the test skips when it is missing."""
     path = shared_dir / "reference" / name
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        missing(f"{path} is missing")
     return path
 
 

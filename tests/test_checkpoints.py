@@ -41,6 +41,26 @@ def test_atomic_write_replaces_the_file(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_respects_the_umask(tmp_path, umask):
+    """Run files are shared on a cluster: mode 0666 & ~umask like any other file, not mkstemp's 0600."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        write_json(tmp_path / "config.json", {"a": 1})
+        save_weights(tmp_path / "best.safetensors", tiny_model(0), False, {})
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE(plain.stat().st_mode) == expected
+    for name in ("config.json", "best.safetensors"):
+        assert oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) == oct(expected), name
+
+
 def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "best.safetensors"
     target.write_text("old contents")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import missing
 import torch
 from torch.utils.data import default_collate
 
@@ -298,9 +300,12 @@ def test_refuge_roi_crop(tmp_path, make_options, fake):
     root = flat_folder(tmp_path / "data", fake, count=4, mask=np.pad(fake.refuge(), ((40, 40), (40, 40)),
                                                                        constant_values=255))
     data = build_datasets(make_options(dataset="refuge", data_path=root, roi_crop=True, image_size=32))
-    train, val = data.train[0], data.val[0]
-    assert train["mask"][0].mean() > 3 * val["mask"][0].mean()  # the disc fills more of the crop
-    assert train["original_hw"].tolist() == [104, 112]
+    whole = build_datasets(make_options(dataset="refuge", data_path=root, roi_crop=False, image_size=32))
+    for cropped, full in ((data.val[0], whole.val[0]), (data.train[0], whole.train[0])):
+        # the disc fills more of the crop, in training AND in validation (evaluated the way the run trained)
+        assert cropped["mask"][0].mean() > 3 * full["mask"][0].mean()
+        assert full["original_hw"].tolist() == [104, 112]
+        assert cropped["original_hw"].tolist() != [104, 112]  # the evaluated frame is the crop
 
 
 @pytest.mark.parametrize("policy,disc_cols,soft", [("majority", 24, False), ("1", 22, False), ("3", 26, False),
@@ -500,8 +505,9 @@ def test_error_boxes_csv(tmp_path, fake):
 
 # --- real data (skipped when /work/shared/data is missing) ----------------------------------------
 
-@pytest.mark.skipif(not (SHARED_DATA / "isic2017" / "train.csv").is_file(), reason="shared isic2017 missing")
 def test_real_isic2017(make_options):
+    if not (SHARED_DATA / "isic2017" / "train.csv").is_file():
+        missing("shared isic2017 missing")
     data = build_datasets(make_options(dataset="isic", data_path=SHARED_DATA / "isic2017", image_size=64))
     assert (len(data.train), len(data.val), len(data.test)) == (2000, 150, 600)
     assert "train.csv/val.csv/test.csv" in data.layout and data.num_classes == 1
@@ -510,8 +516,9 @@ def test_real_isic2017(make_options):
     assert sample["name"] == "ISIC_0001769"
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "refuge_sample" / "images").is_dir(), reason="shared refuge_sample missing")
 def test_real_refuge_sample(make_options):
+    if not (SHARED_DATA / "refuge_sample" / "images").is_dir():
+        missing("shared refuge_sample missing")
     data = build_datasets(make_options(dataset="refuge", data_path=SHARED_DATA / "refuge_sample", image_size=64))
     assert len(data.train) + len(data.val) == 8 and data.test is None
     assert data.num_classes == 2 and data.class_names == ["disc", "cup"] and "images/ + masks/" in data.layout

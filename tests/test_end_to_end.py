@@ -126,3 +126,33 @@ def test_two_processes_follow_one_process(tmp_path):
     for a, b in zip(single, ddp):
         for key in ("train_loss", "val_dice_mean", "val_iou_mean"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-4), key
+
+
+SLOW_WRITER = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from engine import checkpoints
+write = checkpoints.save_weights
+
+def slow_write(*args, **kwargs):  # rank 0 takes its time writing weights: other ranks must wait for it
+    time.sleep(3)
+    write(*args, **kwargs)
+
+checkpoints.save_weights = slow_write
+import train
+from common.cli import run_cli
+run_cli(train.main)
+"""
+
+
+def test_data_parallel_ranks_wait_for_the_checkpoint_writer(tmp_path):
+    """Rank 1 evaluates best.safetensors at the end: it must not read it before rank 0 wrote it."""
+    script = tmp_path / "slow_writer_train.py"
+    script.write_text(SLOW_WRITER.format(repo=str(REPO)))
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    args = ["-net", "mobile_sam", "-mod", "sam_decoder", "-dataset", "synthetic", "-image_size", "64",
+            "-synthetic_size", "8", "-b", "2", "-epochs", "1", "-vis", "0", "-exp_name", "race"]
+    result = run_script(str(script), *args, tmp=tmp_path, launcher=torchrun, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 0, errors or result.stderr[-1500:]
+    assert (tmp_path / "ck" / "race" / "final_metrics.json").is_file()

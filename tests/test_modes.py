@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from conftest import missing
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -229,7 +231,7 @@ def test_parameter_table_splits_adapters_base_and_decoder(mode: str) -> None:
 def test_mobile_sam_adapted_linears_match_official_list(shared_dir: Path, mode: str) -> None:
     meta_path = shared_dir / "reference" / "mobilesam_vit_t.meta.json"
     if not meta_path.is_file():
-        pytest.skip(f"{meta_path} is missing")
+        missing(f"{meta_path} is missing")
     official = {name: (fan_in, fan_out) for name, fan_in, fan_out, _ in json.loads(meta_path.read_text())
                 ["linear_modules"] if name.startswith("image_encoder.") and name != "image_encoder.head"}
     assert len(official) == 4 * ATTENTION_BLOCKS["mobile_sam"]

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from conftest import missing
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def layout(shared_dir: Path) -> list:
     path = shared_dir / "reference" / "sam_vit_b.keys.json"
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        missing(f"{path} is missing")
     return json.loads(path.read_text())
 
 

@@ -58,11 +58,12 @@ def freeze_all_but_decoder(segmenter: nn.Module, decoder: str = "full",
     return LoraModel(segmenter.mask_decoder, config, "default")
 
 
-def parameter_table(segmenter: nn.Module, adapter_prefix: tuple[str, ...]) -> list[tuple[str, int, int]]:
-    """(part, trainable, total) rows: encoder adapters (names holding one of the mode's `adapter_prefix`
-    fragments), encoder base, decoder adapters (`decoder="lora"`), mask decoder, other, all."""
-    rows = {"encoder adapters": [0, 0], "encoder base": [0, 0], "decoder adapters": [0, 0], "mask decoder": [0, 0],
-            "other": [0, 0]}
+PARTS = ("encoder adapters", "encoder base", "decoder adapters", "mask decoder", "other")
+
+
+def parameter_parts(segmenter: nn.Module, adapter_prefix: tuple[str, ...]):
+    """(part, name, parameter) for every parameter: encoder adapters (names holding one of the mode's
+    `adapter_prefix` fragments), encoder base, decoder adapters (`decoder="lora"`), mask decoder, other."""
     for name, param in segmenter.named_parameters():
         if name.startswith("image_encoder."):
             part = "encoder adapters" if any(p in name for p in adapter_prefix) else "encoder base"
@@ -70,6 +71,13 @@ def parameter_table(segmenter: nn.Module, adapter_prefix: tuple[str, ...]) -> li
             part = "decoder adapters" if ".lora_" in name else "mask decoder"
         else:
             part = "other"
+        yield part, name, param
+
+
+def parameter_table(segmenter: nn.Module, adapter_prefix: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """(part, trainable, total) rows: the parts of `parameter_parts`, then all."""
+    rows = {part: [0, 0] for part in PARTS}
+    for part, _, param in parameter_parts(segmenter, adapter_prefix):
         rows[part][0] += param.numel() if param.requires_grad else 0
         rows[part][1] += param.numel()
     table = [(part, trainable, total) for part, (trainable, total) in rows.items()]
