@@ -225,20 +225,3 @@ def test_every_flag_has_a_help_section_and_help_ends_with_examples(capsys):
     text = _parser("train").format_help()
     assert text.index("model flags:") < text.index("adaptation flags:") < text.index("training flags:")
     assert text.rstrip().splitlines()[-1].strip().startswith("python train.py")
-
-
-def test_every_mode_refuses_the_options_it_does_not_declare():
-    """Item 5 of issue 14: each mode-specific flag either acts (the mode declares it) or is refused."""
-    from cfg import Config, parse_args
-    from common.errors import UserError
-    from models.modes.registry import get_mode, mode_names, mode_options
-
-    import dataclasses
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for mode in mode_names():
-        for option in sorted(mode_options() - get_mode(mode).options):
-            value = [] if fields[option].type == "bool" else ["0.5" if "float" in fields[option].type else "2"]
-            with pytest.raises(UserError, match=f"-{option} does not apply to -mod {mode}"):
-                parse_args("train", ["-mod", mode, f"-{option}", *value])
-        for option in get_mode(mode).options:  # declared options reach the mode's apply function
-            assert option in fields, f"{mode} declares {option}, which is no Config field"
