@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.errors import UserError
+from common.progress import progress
 
 from . import transforms
 from .io import read_image, same_size
@@ -100,7 +101,7 @@ class MaskBank:
 def read_codes(records: Sequence[Record], codec: MaskCodec) -> list[np.ndarray]:
     """Read every mask and check its size against the image header (the pixels stay on disk)."""
     codes = []
-    for record in records:
+    for record in progress(records, desc="reading masks", disable=len(records) < 200):
         code = codec.read(record)
         if record.image is not None:
             if record.image.shape[:2] != code.shape[-2:]:

@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from cfg import Config
 from common.errors import UserError
+from common.progress import progress
 from models.segmenter import PromptableSegmenter, Prompts
 
 from .metrics import MetricAccumulator, valid_region
@@ -81,8 +81,7 @@ def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runti
                         sampler=ShardSampler(len(dataset), runtime.rank, runtime.world_size),
                         num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
     metrics = MetricAccumulator(class_names)
-    progress_off = None if runtime.is_main else True  # None: off when output is not a terminal
-    for batch in tqdm(loader, desc=desc, leave=False, disable=progress_off):
+    for batch in progress(loader, desc=desc, disable=not runtime.is_main):
         logits = predict_logits(model, batch, runtime.device, config.amp, size)
         if not original:
             target = resize_target(batch["mask"].to(runtime.device), size)

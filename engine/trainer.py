@@ -224,7 +224,7 @@ class Trainer:
             if first and self.runtime.is_main:
                 from .session import format_parameter_table
 
-                tqdm.write(format_parameter_table(self.model, self.config.mod, self.updated_parameters))
+                progress.write(format_parameter_table(self.model, self.config.mod, self.updated_parameters))
             state.loss_sum += loss * batch["image"].shape[0]
             state.images_seen += batch["image"].shape[0]
             state.step_in_epoch += 1

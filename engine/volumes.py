@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import default_collate
-from tqdm import tqdm
 
 from common.packages import data_module
+from common.progress import progress
 
 VolumeSliceDataset, ras_to_file_orientation = (data_module("nifti").VolumeSliceDataset,
                                                  data_module("nifti").ras_to_file_orientation)
@@ -111,7 +111,7 @@ def evaluate_volumes(model, dataset: VolumeSliceDataset, config, runtime, class_
     classes = len(class_names)
     table = torch.zeros(len(dataset.volumes), 2, classes, dtype=torch.float64)
     mine = [v for v in range(len(dataset.volumes)) if v % runtime.world_size == runtime.rank]
-    for v in tqdm(mine, desc=desc, leave=False, disable=None if runtime.is_main else True):
+    for v in progress(mine, desc=desc, disable=not runtime.is_main):
         codes = predict_volume(model, dataset, v, config.b, config.amp, runtime.device)
         dice, iou = dice_iou_3d(codes, dataset.volumes[v].code_volume(), classes)
         table[v, 0], table[v, 1] = torch.from_numpy(dice), torch.from_numpy(iou)
@@ -143,7 +143,7 @@ def predict_volumes(model, dataset: VolumeSliceDataset, config, device: torch.de
     """val.py -images DIR of volumes: write every volume's predicted labels; returns the written files."""
     model.eval()
     written = []
-    for v in tqdm(range(len(dataset.volumes)), desc="predict", leave=False, disable=None):
+    for v in progress(range(len(dataset.volumes)), desc="predict"):
         codes = predict_volume(model, dataset, v, config.b, config.amp, device)
         written.append(write_label_volume(codes, dataset, v, Path(out_dir)))
     return written
