@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cfg import Config
 from common.errors import UserError
 from models.modes import get_mode
-from models.modes.adaptation import Adaptation, parameter_parts
+from models.modes.adaptation import Adaptation, parameter_parts, trainable_without_gradient
 from models.segmenter import PromptableSegmenter
 from common.progress import progress as progress_bar
 
@@ -117,10 +117,12 @@ class Trainer:
         self.updated_parameters: Optional[dict[str, int]] = None  # per part, after the first step
         self.network = model
         if runtime.distributed:
-            # find_unused: the IoU head never reaches the loss in any mode (its output is returned, so DDP's
-            # traversal may report nothing unused, yet it gets no gradient); static_graph failed with sam_lora
+            # find_unused (an extra graph traversal every step) only where a trainable parameter may get no
+            # gradient: the IoU head when the decoder trains fully, the prompt encoder in sam_full, ...;
+            # static_graph failed with sam_lora
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.network = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+            self.network = DistributedDataParallel(model, device_ids=device_ids,
+                                                   find_unused_parameters=bool(trainable_without_gradient(model)))
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
 
     # ----------------------------------------------------------------------------- resume
