@@ -1,8 +1,10 @@
 """datasets/: layouts, splits, sample pipeline, prompts, bad input; engine/overlays and show_samples."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +103,15 @@ def refuge_raters(root: Path, fake, raters=3) -> Path:
 
 
 def message(excinfo) -> str:
+    """The one line the scripts show: the library names its arguments (`data_path`), never flags (-data_path);
+    the CLI's in_flag_terms turns them into flags."""
+    from cfg import Config, in_flag_terms
+
     text = str(excinfo.value)
     assert "\n" not in text
-    return text
+    flags = [f"-{f.name}" for f in dataclasses.fields(Config) if re.search(rf"(?<![\w/.-])-{f.name}\b", text)]
+    assert not flags, f"library error names flags {flags}: {text}"
+    return in_flag_terms(text)
 
 
 # --- synthetic and the sample contract -----------------------------------------------------------

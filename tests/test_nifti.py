@@ -88,7 +88,7 @@ def test_window_and_percentile_scaling():
     ramp = np.linspace(0, 1000, 1001)
     scaled = nifti.to_uint8(ramp, None)  # 0.5 / 99.5 percentiles = 5 / 995
     assert scaled[5] == 0 and scaled[995] == 255 and scaled[500] == 128
-    with pytest.raises(UserError, match="-window"):
+    with pytest.raises(UserError, match="`window`"):
         nifti.parse_window("40")
 
 
@@ -107,7 +107,7 @@ def test_labels_pick_and_order(make_options, volumes):
     assert np.array_equal(codes == 1, truth == 2) and np.array_equal(codes == 2, truth == 1)
     one = build(make_options, volumes, labels="2")
     assert one.class_names == ["kidney"] and one.num_classes == 1
-    with pytest.raises(UserError, match="-labels 3"):
+    with pytest.raises(UserError, match="`labels` 3"):
         build(make_options, volumes, labels="3")
 
 
