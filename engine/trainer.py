@@ -24,7 +24,7 @@ from models.segmenter import PromptableSegmenter
 from common.progress import progress as progress_bar
 
 from . import checkpoints
-from .evaluation import IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
+from .evaluation import EvalSettings, IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
 from .logbook import TensorBoardLog, format_number, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
 from .peft_format import PEFT_DIR, write_peft_folder
@@ -266,7 +266,8 @@ class Trainer:
             self._train_epoch()
             row = self._epoch_row()
             if state.epoch % config.val_freq == 0 or state.epoch == config.epochs:
-                summary = evaluate(self.model, self.val_set, config, self.runtime, self.class_names, "val")
+                summary = evaluate(self.model, self.val_set, EvalSettings.of(config), self.runtime, self.class_names,
+                                   "val")
                 row.update({f"val_{k}": v for k, v in summary.items() if k != "images"})
                 if summary["dice_mean"] > state.best_dice:
                     state.best_dice = summary["dice_mean"]

@@ -44,12 +44,12 @@ def dice_of_untrained_model(tmp: Path) -> float:
     from cfg import parse_args
     from engine.runtime import Runtime
     from engine.session import build_model, load_data
-    from engine.evaluation import evaluate
+    from engine.evaluation import EvalSettings, evaluate
 
     config, _ = parse_args("train", BASE)
     data = load_data(config, verbose=False)
     model, _ = build_model(config, data.num_classes, 100, torch.device("cpu"), verbose=False)
-    return evaluate(model, data.val, config, Runtime(torch.device("cpu")), data.class_names)["dice_mean"]
+    return evaluate(model, data.val, EvalSettings.of(config), Runtime(torch.device("cpu")), data.class_names)["dice_mean"]
 
 
 def test_training_improves_dice_and_val_reproduces_it(tmp_path):

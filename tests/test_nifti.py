@@ -19,6 +19,7 @@ from cfg import Config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from datasets import build_datasets  # noqa: E402
 from datasets import nifti  # noqa: E402
+from engine.evaluation import EvalSettings  # noqa: E402
 from engine.runtime import Runtime  # noqa: E402
 from engine.volumes import dice_iou_3d, evaluate_volumes, predict_volume, write_label_volume  # noqa: E402
 from scripts.synthetic_volumes import AFFINE, make_case, write_volumes  # noqa: E402
@@ -176,8 +177,8 @@ def test_box_protocol_prediction_volume_and_written_file(make_options, volumes, 
     assert np.array_equal(values, nifti.ras_to_file_orientation(codes, source.affine))
     assert dice_iou_3d(values, raw_truth, 2)[0] == pytest.approx(dice)
 
-    summary, rows = evaluate_volumes(model, dataset, Config(b=4), Runtime(torch.device("cpu")),
-                                     data.class_names)
+    summary, rows = evaluate_volumes(model, dataset, EvalSettings(batch_size=4, workers=0, amp="none", image_size=48),
+                                     Runtime(torch.device("cpu")), data.class_names)
     assert [r["volume"] for r in rows] == [v.name for v in dataset.volumes]
     assert rows[0]["dice_liver"] == pytest.approx(dice[0])
     assert summary["dice_mean"] == pytest.approx(np.mean([r["dice_mean"] for r in rows]))
