@@ -102,5 +102,5 @@ def test_merge_adapters_reports_whether_anything_merged(mode):
     torch.manual_seed(0)
     model = build_segmenter("sam", "vit_b", 64, 1, embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,))
     adaptation = apply_mode(model, mode, 10, **({"mid_dim": 2, "lora_alpha": None, "lora_dropout": 0.0,
-                                                 "lora_conv": False} if mode == "sam_lora" else {}))
+                                                 "lora_conv": False, "decoder": "full"} if mode == "sam_lora" else {}))
     assert merge_adapters(adaptation) is bool(get_mode(mode).adapter_prefix)
