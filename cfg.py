@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -201,6 +202,16 @@ def _parser(script: str) -> argparse.ArgumentParser:
     return parser
 
 
+LIBRARY_NAME = re.compile(r"`(\w+)`")
+
+
+def in_flag_terms(message: str) -> str:
+    """Library errors (datasets/, engine/) name the arguments they were given in backticks, in library terms
+    (`data_path`); the scripts show the flag that sets each one (-data_path). Other backticked words stay."""
+    flags = {f.name for f in dataclasses.fields(Config)}
+    return LIBRARY_NAME.sub(lambda m: f"-{m[1]}" if m[1] in flags else m[0], message)
+
+
 def parse_args(script: str, argv: Optional[Sequence[str]] = None) -> tuple[Config, set[str]]:
     """Parse argv for one script -> (Config, names of the flags the user gave)."""
     given = vars(_parser(script).parse_args(argv))
@@ -234,8 +245,8 @@ def validate(config: Config, given: set[str], script: str) -> None:
         raise UserError(f"-val_frac must be between 0 and 1, got {config.val_frac}")
     if config.synthetic_classes not in (1, 2):
         raise UserError(f"-synthetic_classes must be 1 or 2, got {config.synthetic_classes}")
-    if config.dataset != "synthetic" and config.data_path is None and script != VAL:
-        raise UserError(f"-dataset {config.dataset} needs -data_path DIR")
+    # -data_path itself is checked where the data are found (datasets.build_datasets, before any model is
+    # built): val.py may take it from the run's config.json, and one check cannot drift from the other
     if config.rater_policy not in ("majority", "mean") and not (config.rater_policy.isdigit()
                                                                  and 1 <= int(config.rater_policy) <= 7):
         raise UserError(f"-rater_policy must be majority, mean or a rater number 1..7, got {config.rater_policy}")

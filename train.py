@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     from engine.runtime import start_runtime, stop_runtime
     from engine.sampler import steps_per_epoch
     from engine.session import build_model, check_base_identity, format_parameter_table, load_data, run_folders, write_run_config
-    from engine.evaluation import evaluate
+    from engine.evaluation import EvalSettings, evaluate
     from engine.logbook import format_number
     from engine.trainer import Trainer
     from models.modes import get_mode
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     best = run_dir / "best.safetensors"
     checkpoints.load_weights(best, model, get_mode(config.mod).saves_all)
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
-    summary = evaluate(model, dataset, config, runtime, data.class_names, split, original=True)
+    summary = evaluate(model, dataset, EvalSettings.of(config), runtime, data.class_names, split, original=True)
     if runtime.is_main:
         print(f"{split} (best weights, original resolution): " + " ".join(f"{k}={format_number(v)}" for k, v in summary.items()))
         checkpoints.write_json(run_dir / "final_metrics.json", {

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     from engine import checkpoints
     from engine.predict import save_predictions
     from engine.runtime import start_runtime
-    from engine.evaluation import evaluate
+    from engine.evaluation import EvalSettings, evaluate
     from engine.session import build_model, check_base_identity, load_data
     from models.merge import merge_adapters
     from models.modes import get_mode
@@ -102,11 +102,12 @@ def main(argv=None) -> None:
         source = f"{config.which} weights of {args.weights}" if saved is not None else f"{config.net} zero-shot"
         if volumes:  # per-volume 3D Dice/IoU; -save_pred writes the predicted label volumes
             from engine.volumes import evaluate_volumes, format_volume_table
-            summary, rows = evaluate_volumes(model, dataset, config, runtime, class_names, split, config.save_pred)
+            summary, rows = evaluate_volumes(model, dataset, EvalSettings.of(config), runtime, class_names, split,
+                                           config.save_pred)
             print(f"{split} split, {len(rows)} volumes, 3D Dice/IoU per volume, {source}:\n"
                   f"{format_volume_table(rows, summary)}")
         else:
-            summary = evaluate(model, dataset, config, runtime, class_names, split, original=True)
+            summary = evaluate(model, dataset, EvalSettings.of(config), runtime, class_names, split, original=True)
             print(f"{split} split, {int(summary['images'])} images at their original resolution, {config.prompt} "
                   f"prompts, {source}:")
             for key, value in summary.items():

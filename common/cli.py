@@ -7,12 +7,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def one_line(error: Exception) -> str:
-    """The user-facing message; a UserError re-raised from a DataLoader worker carries the worker's
-    traceback in its text, whose last line is the original message."""
+    """The user-facing message, the library's argument names (`data_path`) shown as flags (-data_path).
+    A UserError re-raised from a DataLoader worker carries the worker's traceback in its text, whose last
+    line is the original message."""
+    from cfg import in_flag_terms
+
     message = str(error).strip()
     if "Original Traceback" in message:
         message = message.splitlines()[-1].split(": ", 1)[-1]
-    return message
+    return in_flag_terms(message)
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -60,7 +60,7 @@ def holdout(records: list[Record], fraction: float, seed: int) -> tuple[list[Rec
     records = sorted(records, key=lambda r: r.key)
     if len(records) < 2:
         raise UserError(f"only {len(records)} training image: need at least 2 to hold out a validation split "
-                        f"(-val_frac); add images or a val/ folder")
+                        f"(`val_frac`); add images or a val/ folder")
     count = min(len(records) - 1, max(1, int(round(fraction * len(records)))))
     chosen = set(np.random.default_rng(seed).permutation(len(records))[:count].tolist())
     train = [r for i, r in enumerate(records) if i not in chosen]
@@ -81,7 +81,7 @@ def _reuse(layout: Layout, splits: dict, where: str) -> dict[str, Optional[list[
         missing = [k for k in keys if k not in pool]
         if missing:
             raise UserError(f"{where} lacks {missing[0]} ({len(missing)} of the {split} files in the run's saved "
-                            f"splits are missing): point -data_path at the data the run used")
+                            f"splits are missing): point `data_path` at the data the run used")
         chosen[split] = [pool[k] for k in keys] if keys else None
     if not chosen["train"] or not chosen["val"]:
         raise UserError("the saved splits have an empty train or val list: use the run's own splits.json")
@@ -91,14 +91,14 @@ def _reuse(layout: Layout, splits: dict, where: str) -> dict[str, Optional[list[
 def _check_options(options: DataOptions) -> None:
     if options.dataset not in REGISTRY and options.dataset not in BUNDLE_BUILDERS:
         known = ", ".join([*REGISTRY, *BUNDLE_BUILDERS])
-        raise UserError(f"-dataset {options.dataset} is unknown; choose one of {known}")
+        raise UserError(f"`dataset` {options.dataset} is unknown; choose one of {known}")
     if options.roi_crop and options.dataset != "refuge":
-        raise UserError(f"-roi_crop crops around the optic disc: it needs -dataset refuge, not {options.dataset}")
+        raise UserError(f"`roi_crop` crops around the optic disc: it needs `dataset` refuge, not {options.dataset}")
     if options.dataset != "synthetic":
         if not options.data_path:
-            raise UserError(f"-dataset {options.dataset} needs -data_path DIR")
+            raise UserError(f"`dataset` {options.dataset} needs `data_path` DIR")
         if not Path(options.data_path).is_dir():
-            raise UserError(f"-data_path {options.data_path} does not exist or is not a folder: fix the path")
+            raise UserError(f"`data_path` {options.data_path} does not exist or is not a folder: fix the path")
 
 
 def build_datasets(options: DataOptions, splits: Optional[dict] = None) -> DataBundle:
@@ -111,8 +111,8 @@ def build_datasets(options: DataOptions, splits: Optional[dict] = None) -> DataB
     if options.dataset in BUNDLE_BUILDERS:
         return BUNDLE_BUILDERS[options.dataset](options, splits)
     layout = REGISTRY[options.dataset](options)
-    where = "the synthetic set (check -seed, -synthetic_size, -synthetic_classes)" \
-        if options.dataset == "synthetic" else f"-data_path {options.data_path}"
+    where = "the synthetic set (check `seed`, `synthetic_size`, `synthetic_classes`)" \
+        if options.dataset == "synthetic" else f"`data_path` {options.data_path}"
     sentence = layout.description
     if splits is not None:
         parts = _reuse(layout, splits, where)
@@ -143,7 +143,7 @@ def build_datasets(options: DataOptions, splits: Optional[dict] = None) -> DataB
                       f"(no {options.prompt} prompt can be derived); -prompt none keeps them")
             if len(ds) == 0:
                 raise UserError(f"every training mask in {where} is empty: check the masks "
-                                f"(values, encoding) or train with -prompt none")
+                                f"(values, encoding) or train with `prompt` none")
         ds.truncate(options.max_train if split == "train" else options.max_eval)
         built[split] = ds
     saved = {split: [r.key for r in records] for split, records in parts.items() if records}

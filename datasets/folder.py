@@ -34,7 +34,7 @@ def paired_folder(folder: Path, root: Path) -> list[Record]:
     image_files = list_images(images)
     if not image_files:
         raise UserError(f"{images} holds no images ({', '.join(('.png', '.jpg', '.bmp', '.tif'))} ...): "
-                        f"add images or fix -data_path")
+                        f"add images or fix `data_path`")
     return pairs_to_records(pair_by_stem(image_files, list_images(masks), str(images), str(masks)), root)
 
 
@@ -104,7 +104,7 @@ def detect(options: DataOptions) -> Layout:
     root = Path(options.data_path)
     found = find_split_folders(root)
     if found is None:
-        raise UserError(f"-data_path {root} holds no folder layout: tried {root}/train/images + "
+        raise UserError(f"`data_path` {root} holds no folder layout: tried {root}/train/images + "
                         f"{root}/train/masks (with optional val/, test/) and {root}/images + {root}/masks")
     if (root / "train" / "images").is_dir():
         parts = ["train"] + [s for s in ("val", "test") if found[s] is not None]

@@ -23,7 +23,7 @@ from .io import list_images, read_image
 def read_boxes(path: Path, images: list[Path]) -> dict[str, np.ndarray]:
     """CSV image,x0,y0,x1,y1 -> {image stem: box}; unknown images, bad numbers and missing rows are errors."""
     if not path.is_file():
-        raise UserError(f"-boxes {path} does not exist: give a CSV with rows image,x0,y0,x1,y1")
+        raise UserError(f"`boxes` {path} does not exist: give a CSV with rows image,x0,y0,x1,y1")
     by_name = {p.name: p.stem for p in images} | {p.stem: p.stem for p in images}
     boxes: dict[str, np.ndarray] = {}
     with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -38,16 +38,16 @@ def read_boxes(path: Path, images: list[Path]) -> dict[str, np.ndarray]:
             except ValueError:
                 if line == 1:
                     continue  # header
-                raise UserError(f"-boxes {path} line {line} is not image,x0,y0,x1,y1 with numbers: fix the row")
+                raise UserError(f"`boxes` {path} line {line} is not image,x0,y0,x1,y1 with numbers: fix the row")
             if cells[0] not in by_name:
-                raise UserError(f"-boxes {path} line {line} names {cells[0]}, which is not an image in the "
-                                f"-images folder: fix the name or remove the row")
+                raise UserError(f"`boxes` {path} line {line} names {cells[0]}, which is not an image in the "
+                                f"`images` folder: fix the name or remove the row")
             if values[2] < values[0] or values[3] < values[1]:
-                raise UserError(f"-boxes {path} line {line}: x1 < x0 or y1 < y0; boxes are x0,y0,x1,y1")
+                raise UserError(f"`boxes` {path} line {line}: x1 < x0 or y1 < y0; boxes are x0,y0,x1,y1")
             boxes[by_name[cells[0]]] = values
     missing = [p for p in images if p.stem not in boxes]
     if missing:
-        raise UserError(f"-boxes {path} has no box for {missing[0].name} ({len(missing)} images lack one): "
+        raise UserError(f"`boxes` {path} has no box for {missing[0].name} ({len(missing)} images lack one): "
                         f"add a row {missing[0].name},x0,y0,x1,y1")
     return boxes
 
@@ -58,10 +58,10 @@ class ImageFolderDataset(Dataset):
     def __init__(self, folder: str, image_size: int, num_classes: int, boxes: Optional[str] = None):
         folder = Path(folder)
         if not folder.is_dir():
-            raise UserError(f"-images {folder} is not a folder: give a folder of images")
+            raise UserError(f"`images` {folder} is not a folder: give a folder of images")
         self.paths = list_images(folder)
         if not self.paths:
-            raise UserError(f"-images {folder} holds no images (.png/.jpg/.bmp/.tif): fix the path")
+            raise UserError(f"`images` {folder} holds no images (.png/.jpg/.bmp/.tif): fix the path")
         self.size = image_size
         self.num_classes = num_classes
         self.boxes = read_boxes(Path(boxes), self.paths) if boxes else None

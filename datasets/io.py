@@ -48,7 +48,7 @@ def refuse_multipage(img: Image.Image, path: Path, kind: str) -> None:
     pages = getattr(img, "n_frames", 1)
     if pages > 1 and img.format == "TIFF":
         raise UserError(f"{kind} {path} is a multi-page TIFF ({pages} pages): convert it to one 2D file per "
-                        f"slice, or to NIfTI and use -dataset nifti")
+                        f"slice, or to NIfTI and use `dataset` nifti")
 
 
 def read_image(path: Path) -> np.ndarray:

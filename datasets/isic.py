@@ -48,7 +48,7 @@ def _folder_pair(root: Path, images: str, masks: str, required: bool) -> Optiona
         raise UserError(f"{image_dir} has no ground-truth folder: expected {mask_dir}")
     image_files = list_images(image_dir)
     if not image_files:
-        raise UserError(f"{image_dir} holds no images (.jpg/.png): fix -data_path or restore the images")
+        raise UserError(f"{image_dir} holds no images (.jpg/.png): fix `data_path` or restore the images")
     return pairs_to_records(pair_by_stem(image_files, list_images(mask_dir), str(image_dir), str(mask_dir)), root)
 
 
@@ -107,6 +107,6 @@ def detect(options: DataOptions) -> Layout:
         layout = finder(root)
         if layout is not None:
             return layout
-    hint = " (it has images/ folders: try -dataset folder)" if any(root.glob("*/images")) or \
+    hint = " (it has images/ folders: try `dataset` folder)" if any(root.glob("*/images")) or \
         (root / "images").is_dir() else ""
-    raise UserError(f"-data_path {root} holds no ISIC layout{hint}; tried {TRIED}")
+    raise UserError(f"`data_path` {root} holds no ISIC layout{hint}; tried {TRIED}")

@@ -80,7 +80,7 @@ def volume_shape(path: Path, kind: str) -> tuple[int, int, int]:
                         f"per file (split multi-channel / time series volumes into 3D files)")
     if len(shape) < 3:
         raise UserError(f"{kind} volume {path} is {len(shape)}D {'x'.join(map(str, shape))}, not a 3D volume: "
-                        f"use -dataset folder for 2D images")
+                        f"use `dataset` folder for 2D images")
     return shape  # type: ignore[return-value]
 
 
@@ -111,7 +111,7 @@ def find_layout(root: Path) -> tuple[Path, Path]:
         if (root / images).is_dir() and (root / labels).is_dir():
             return root / images, root / labels
     tried = " and ".join(f"{root}/{i} + {root}/{m}" for i, m in LAYOUTS)
-    raise UserError(f"-data_path {root} holds no NIfTI layout: tried {tried}")
+    raise UserError(f"`data_path` {root} holds no NIfTI layout: tried {tried}")
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -143,9 +143,9 @@ def parse_window(text: Optional[str]) -> Optional[tuple[float, float]]:
     try:
         level, width = (float(v) for v in str(text).split(","))
     except ValueError:
-        raise UserError(f"-window {text} is not L,W (two numbers, e.g. -window 40,400 for CT soft tissue)")
+        raise UserError(f"`window` {text} is not L,W (two numbers, e.g. `window` 40,400 for CT soft tissue)")
     if width <= 0:
-        raise UserError(f"-window {text}: the width must be positive (e.g. -window 40,400)")
+        raise UserError(f"`window` {text}: the width must be positive (e.g. `window` 40,400)")
     return level, width
 
 
@@ -155,11 +155,11 @@ def parse_labels(text: Optional[str]) -> Optional[list[int]]:
     try:
         values = [int(v) for v in str(text).split(",")]
     except ValueError:
-        raise UserError(f"-labels {text} is not a comma-separated list of label values (e.g. -labels 1,2)")
+        raise UserError(f"`labels` {text} is not a comma-separated list of label values (e.g. `labels` 1,2)")
     if any(v <= 0 for v in values) or len(set(values)) != len(values):
-        raise UserError(f"-labels {text}: give distinct positive label values (0 is background)")
+        raise UserError(f"`labels` {text}: give distinct positive label values (0 is background)")
     if len(values) > MAX_CLASSES:
-        raise UserError(f"-labels {text} picks {len(values)} classes but the decoder gives at most {MAX_CLASSES}: "
+        raise UserError(f"`labels` {text} picks {len(values)} classes but the decoder gives at most {MAX_CLASSES}: "
                         f"pick up to {MAX_CLASSES}")
     return values
 
@@ -379,7 +379,7 @@ def build_volumes(pairs: Sequence[tuple[Path, Path]], root: Path, axis: int,
                   labels: Optional[list[int]]) -> tuple[list[Volume], list[int]]:
     """Check shapes (headers), read every label volume, fix the label values; returns volumes with codes."""
     if axis not in (0, 1, 2):
-        raise UserError(f"-slice_axis must be 0 (sagittal), 1 (coronal) or 2 (axial), got {axis}")
+        raise UserError(f"`slice_axis` must be 0 (sagittal), 1 (coronal) or 2 (axial), got {axis}")
     found, values = [], set()
     for image, label in pairs:
         image_shape, label_shape = volume_shape(image, "image"), volume_shape(label, "label")
@@ -396,12 +396,12 @@ def build_volumes(pairs: Sequence[tuple[Path, Path]], root: Path, axis: int,
         if len(labels) > MAX_CLASSES:
             raise UserError(f"the label volumes in {root} hold {len(labels)} label values "
                             f"({', '.join(map(str, labels[:8]))}{' ...' if len(labels) > 8 else ''}) but the decoder "
-                            f"gives at most {MAX_CLASSES} classes: pick them with -labels, e.g. -labels "
+                            f"gives at most {MAX_CLASSES} classes: pick them with `labels`, e.g. `labels` "
                             f"{','.join(map(str, labels[:MAX_CLASSES]))}")
     else:
         absent = [v for v in labels if v not in values]
         if absent:
-            raise UserError(f"-labels {','.join(map(str, labels))}: label {absent[0]} occurs in no label volume in "
+            raise UserError(f"`labels` {','.join(map(str, labels))}: label {absent[0]} occurs in no label volume in "
                             f"{root} (values found: {', '.join(map(str, sorted(values))) or 'none'})")
     volumes = []
     for image, label, label_values in found:
@@ -410,7 +410,7 @@ def build_volumes(pairs: Sequence[tuple[Path, Path]], root: Path, axis: int,
         volume.set_codes(codes_from_labels(label_values, labels), len(labels))
         if not volume.present.any():
             raise UserError(f"label volume {label} has no foreground (labels {','.join(map(str, labels))}) in any "
-                            f"slice: remove the volume or fix its labels (-labels)")
+                            f"slice: remove the volume or fix its labels (`labels`)")
         volumes.append(volume)
     return volumes, labels
 
@@ -423,11 +423,11 @@ def build_bundle(config: DataOptions, splits: Optional[dict] = None):
     image_dir, label_dir = find_layout(root)
     images, labels = list_volumes(image_dir), list_volumes(label_dir)
     if not images:
-        raise UserError(f"{image_dir} holds no NIfTI volumes (.nii.gz, .nii): add volumes or fix -data_path")
+        raise UserError(f"{image_dir} holds no NIfTI volumes (.nii.gz, .nii): add volumes or fix `data_path`")
     pairs = pair_volumes(images, labels, image_dir, label_dir)
     volumes, values = build_volumes(pairs, root, config.slice_axis, parse_labels(config.labels))
     class_names = class_names_from_json(root, values)
-    where = f"-data_path {root}"
+    where = f"`data_path` {root}"
     sentence = f"NIfTI volumes {image_dir.name}/ + {label_dir.name}/ in {root}, slices along axis " \
                f"{config.slice_axis} (RAS), labels {','.join(map(str, values))}"
     by_key = {v.key: v for v in volumes}
@@ -439,7 +439,7 @@ def build_bundle(config: DataOptions, splits: Optional[dict] = None):
             missing = [k for k in splits.get(split, []) if k not in by_key]
             if missing:
                 raise UserError(f"{where} lacks {missing[0]} ({len(missing)} of the {split} volumes in the run's "
-                                f"saved splits are missing): point -data_path at the data the run used")
+                                f"saved splits are missing): point `data_path` at the data the run used")
         sentence += "; splits reused from the run"
     window = parse_window(config.window)
     common = dict(image_size=config.image_size, prompt=config.prompt, n_points=config.n_points,
@@ -465,11 +465,11 @@ def build_prediction_volumes(folder: Path, prompt_from: Optional[Path], axis: in
     """val.py -images DIR of volumes: every slice; prompts from -prompt_from label volumes (same names)."""
     images = list_volumes(folder)
     if not images:
-        raise UserError(f"-images {folder} holds no NIfTI volumes (.nii.gz, .nii): fix the path")
+        raise UserError(f"`images` {folder} holds no NIfTI volumes (.nii.gz, .nii): fix the path")
     prompt_volumes = {}
     if prompt_from is not None:
         if not Path(prompt_from).is_dir():
-            raise UserError(f"-prompt_from {prompt_from} is not a folder: give the folder of label volumes")
+            raise UserError(f"`prompt_from` {prompt_from} is not a folder: give the folder of label volumes")
         prompt_volumes = dict(pair_volumes(images, list_volumes(Path(prompt_from)), folder, Path(prompt_from)))
     volumes = []
     for image in images:
@@ -479,13 +479,13 @@ def build_prediction_volumes(folder: Path, prompt_from: Optional[Path], axis: in
         if image in prompt_volumes:
             label = prompt_volumes[image]
             if volume_shape(label, "label") != shape:
-                raise UserError(f"image volume {image} is {'x'.join(map(str, shape))} but its -prompt_from label "
+                raise UserError(f"image volume {image} is {'x'.join(map(str, shape))} but its `prompt_from` label "
                                 f"volume {label} is {'x'.join(map(str, volume_shape(label, 'label')))}: they must "
                                 f"match voxel for voxel")
             volume.label_path = str(label)
             volume.set_codes(codes_from_labels(read_label_values(label), labels), len(labels))
             if not volume.present.any():
-                raise UserError(f"-prompt_from label volume {label} has no foreground (labels "
+                raise UserError(f"`prompt_from` label volume {label} has no foreground (labels "
                                 f"{','.join(map(str, labels))}) in any slice: no prompt can be derived from it")
         volumes.append(volume)
     return VolumeSliceDataset(volumes, class_names, labels=labels, **options)

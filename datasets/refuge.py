@@ -65,7 +65,7 @@ class RaterCodec(MaskCodec):
         raters = _raters(record)
         chosen = sorted(raters) if not self.policy.isdigit() else [int(self.policy)]
         if chosen[0] not in raters:
-            raise UserError(f"-rater_policy {self.policy}: {record.image_path} has masks of raters "
+            raise UserError(f"`rater_policy` {self.policy}: {record.image_path} has masks of raters "
                             f"{','.join(map(str, sorted(raters)))} only; pick one of those or majority/mean")
         counts, shape = None, None
         for rater in chosen:
@@ -107,7 +107,7 @@ def _raters(record: Record) -> dict[int, tuple[Path, Path]]:
 def _recursive_pairs(root: Path, image_dir: Path, mask_dir: Path) -> list[Record]:
     images = list_images(image_dir, recursive=True)
     if not images:
-        raise UserError(f"{image_dir} holds no images (.jpg/.png): fix -data_path or restore the images")
+        raise UserError(f"{image_dir} holds no images (.jpg/.png): fix `data_path` or restore the images")
     return pairs_to_records(pair_by_stem(images, list_images(mask_dir, recursive=True), str(image_dir),
                                          str(mask_dir)), root)
 
@@ -180,7 +180,7 @@ def _rater_folder(root: Path, folder: Path) -> list[Record]:
         records.append(Record(name=sub.name, key=relative_key(images[0], root), image_path=str(images[0]),
                               mask_paths=tuple(masks)))
     if not records:
-        raise UserError(f"{folder} holds no <name>/<name>.jpg sample folders: fix -data_path")
+        raise UserError(f"{folder} holds no <name>/<name>.jpg sample folders: fix `data_path`")
     return records
 
 
@@ -190,7 +190,7 @@ def _multi_rater(root: Path, policy: str) -> Optional[Layout]:
     train = _rater_folder(root, root / "Training-400")
     test = _rater_folder(root, root / "Test-400") if (root / "Test-400").is_dir() else None
     return Layout(f"Medical-SAM-Adapter multi-rater REFUGE (Training-400/{'' if test is None else ', Test-400/'}"
-                  f" <name>/<name>_seg_{{disc,cup}}_N.png; -rater_policy {policy}) in {root}",
+                  f" <name>/<name>_seg_{{disc,cup}}_N.png; rater_policy {policy}) in {root}",
                   RaterCodec(policy), train, None, test)
 
 
@@ -200,12 +200,12 @@ def detect(options: DataOptions) -> Layout:
     if layout is None:
         found = find_split_folders(root)
         if found is None:
-            raise UserError(f"-data_path {root} holds no REFUGE layout; tried {TRIED}")
+            raise UserError(f"`data_path` {root} holds no REFUGE layout; tried {TRIED}")
         where = "split folders train/val/test/{images,masks}" if (root / "train").is_dir() else \
             "flat images/ + masks/"
         layout = Layout(f"REFUGE masks in {where} in {root}", RefugeCodec(), **found)
     if options.rater_policy != "majority" and not isinstance(layout.codec, RaterCodec):
-        raise UserError(f"-rater_policy {options.rater_policy} needs the multi-rater layout "
+        raise UserError(f"`rater_policy` {options.rater_policy} needs the multi-rater layout "
                         f"(Training-400/<name>/<name>_seg_cup_1.png ...), but {root} has one mask per image: "
-                        f"drop -rater_policy")
+                        f"drop `rater_policy`")
     return layout

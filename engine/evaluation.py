@@ -3,6 +3,7 @@ logits at the metric resolution, and Dice/IoU over a dataset summed across proce
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -11,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cfg import Config
 from common.errors import UserError
 from common.progress import progress
 from models.segmenter import PromptableSegmenter, Prompts
@@ -60,8 +60,25 @@ def logits_at_original_size(logits: Tensor, valid_hw: Tensor, original_hw: Tenso
                          align_corners=False)[0]
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """What evaluation reads of a run: batch size, DataLoader workers, autocast (none | bf16 | fp16), the
+    model's input size S and the size logits are scored at for validation (None: S)."""
+
+    batch_size: int
+    workers: int
+    amp: str
+    image_size: int
+    out_size: Optional[int] = None
+
+    @classmethod
+    def of(cls, config) -> "EvalSettings":
+        """The settings of a run's Config (-b, -workers, -amp, -image_size, -out_size)."""
+        return cls(config.b, config.workers, config.amp, config.image_size, config.out_size)
+
+
 @torch.no_grad()
-def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runtime: Runtime,
+def evaluate(model: PromptableSegmenter, dataset: Dataset, settings: EvalSettings, runtime: Runtime,
              class_names: list[str], desc: str = "eval", original: bool = False) -> dict[str, float]:
     """Dice/IoU per class (and vCDR error for disc+cup) over `dataset`, summed over all processes.
 
@@ -72,21 +89,21 @@ def evaluate(model: PromptableSegmenter, dataset: Dataset, config: Config, runti
     Dice/IoU at the volume's own size, averaged over volumes (engine/volumes.py)."""
     if getattr(dataset, "is_volumes", False):
         from .volumes import evaluate_volumes
-        return evaluate_volumes(model, dataset, config, runtime, class_names, desc)[0]
+        return evaluate_volumes(model, dataset, settings, runtime, class_names, desc)[0]
     original = original and hasattr(dataset, "original_mask")
     was_training = model.training
     model.eval()
-    size = config.image_size if original else config.out_size or config.image_size
-    loader = DataLoader(IndexedDataset(dataset) if original else dataset, batch_size=config.b,
+    size = settings.image_size if original else settings.out_size or settings.image_size
+    loader = DataLoader(IndexedDataset(dataset) if original else dataset, batch_size=settings.batch_size,
                         sampler=ShardSampler(len(dataset), runtime.rank, runtime.world_size),
-                        num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
+                        num_workers=settings.workers, pin_memory=runtime.device.type == "cuda")
     metrics = MetricAccumulator(class_names)
     for batch in progress(loader, desc=desc, disable=not runtime.is_main):
-        logits = predict_logits(model, batch, runtime.device, config.amp, size)
+        logits = predict_logits(model, batch, runtime.device, settings.amp, size)
         if not original:
             target = resize_target(batch["mask"].to(runtime.device), size)
             metrics.update(logits, target, valid_region(batch["valid_hw"].to(runtime.device), size,
-                                                        config.image_size))
+                                                        settings.image_size))
             continue
         for i, index in enumerate(batch["index"].tolist()):
             full = logits_at_original_size(logits[i], batch["valid_hw"][i], batch["original_hw"][i])[None]

@@ -26,7 +26,19 @@ from models.modes.adaptation import Adaptation
 PEFT_DIR = "peft"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", \
     "mask_decoder.safetensors"
-PEFT_PREFIX = "base_model."  # what PeftModel puts in front of its tuner's keys ("model.<module>...")
+
+
+class _AsPeftModel(nn.Module):
+    """The tuner under the attribute PeftModel gives it (`base_model`), so state-dict keys carry PeftModel's
+    names; peft's state-dict helpers read `peft_config` and AdaLoRA's `resize_state_dict_by_rank_pattern`."""
+
+    def __init__(self, tuner: nn.Module):
+        super().__init__()
+        self.base_model = tuner
+        self.peft_config = tuner.peft_config
+
+    def resize_state_dict_by_rank_pattern(self, *args, **kwargs):
+        return self.base_model.resize_state_dict_by_rank_pattern(*args, **kwargs)
 
 
 def peft_state(adaptation: Adaptation) -> tuple[dict, object]:
@@ -40,8 +52,10 @@ def peft_state(adaptation: Adaptation) -> tuple[dict, object]:
     original = tuner.peft_config["default"]
     tuner.peft_config["default"] = copy.deepcopy(original)
     try:
-        tensors = get_peft_model_state_dict(tuner, adapter_name="default", save_embedding_layers=False)
-        tensors = {PEFT_PREFIX + k: v for k, v in tensors.items()}  # the tuner's keys as PeftModel holds them
+        # named as PeftModel holds them (base_model.model.<module>...): AdaLoRA's rank-pattern pruning looks
+        # its tensors up under those names
+        tensors = get_peft_model_state_dict(_AsPeftModel(tuner), adapter_name="default",
+                                            save_embedding_layers=False)
         config = tuner.peft_config["default"]
     finally:
         tuner.peft_config["default"] = original

@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 from cfg import Config
 from common.errors import UserError
 from models.modes import get_mode
-from models.modes.adaptation import Adaptation, parameter_parts
+from models.modes.adaptation import Adaptation, parameter_parts, trainable_without_gradient
 from models.segmenter import PromptableSegmenter
 from common.progress import progress as progress_bar
 
 from . import checkpoints
-from .evaluation import IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
+from .evaluation import EvalSettings, IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
 from .logbook import TensorBoardLog, format_number, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
 from .peft_format import PEFT_DIR, write_peft_folder
@@ -116,10 +116,12 @@ class Trainer:
         self.updated_parameters: Optional[dict[str, int]] = None  # per part, after the first step
         self.network = model
         if runtime.distributed:
-            # find_unused: the IoU head never reaches the loss in any mode (its output is returned, so DDP's
-            # traversal may report nothing unused, yet it gets no gradient); static_graph failed with sam_lora
+            # find_unused (an extra graph traversal every step) only where a trainable parameter may get no
+            # gradient: the IoU head when the decoder trains fully, the prompt encoder in sam_full, ...;
+            # static_graph failed with sam_lora
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.network = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+            self.network = DistributedDataParallel(model, device_ids=device_ids,
+                                                   find_unused_parameters=bool(trainable_without_gradient(model)))
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
 
     # ----------------------------------------------------------------------------- resume
@@ -263,7 +265,8 @@ class Trainer:
             self._train_epoch()
             row = self._epoch_row()
             if state.epoch % config.val_freq == 0 or state.epoch == config.epochs:
-                summary = evaluate(self.model, self.val_set, config, self.runtime, self.class_names, "val")
+                summary = evaluate(self.model, self.val_set, EvalSettings.of(config), self.runtime, self.class_names,
+                                   "val")
                 row.update({f"val_{k}": v for k, v in summary.items() if k != "images"})
                 if summary["dice_mean"] > state.best_dice:
                     state.best_dice = summary["dice_mean"]

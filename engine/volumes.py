@@ -101,18 +101,19 @@ def write_label_volume(codes: np.ndarray, dataset: VolumeSliceDataset, v: int, o
 
 
 @torch.no_grad()
-def evaluate_volumes(model, dataset: VolumeSliceDataset, config, runtime, class_names: list[str],
+def evaluate_volumes(model, dataset: VolumeSliceDataset, settings, runtime, class_names: list[str],
                      desc: str = "eval", out_dir: Optional[Path] = None) -> tuple[dict, list[dict]]:
     """Per-volume 3D Dice/IoU per class -> (summary: mean over volumes, then classes; per-volume rows).
 
-    Volumes are dealt over the processes (volume i to rank i mod world) and the table summed."""
+    `settings`: engine.evaluation.EvalSettings (batch size, amp). Volumes are dealt over the processes
+    (volume i to rank i mod world) and the table summed."""
     was_training = model.training
     model.eval()
     classes = len(class_names)
     table = torch.zeros(len(dataset.volumes), 2, classes, dtype=torch.float64)
     mine = [v for v in range(len(dataset.volumes)) if v % runtime.world_size == runtime.rank]
     for v in progress(mine, desc=desc, disable=not runtime.is_main):
-        codes = predict_volume(model, dataset, v, config.b, config.amp, runtime.device)
+        codes = predict_volume(model, dataset, v, settings.batch_size, settings.amp, runtime.device)
         dice, iou = dice_iou_3d(codes, dataset.volumes[v].code_volume(), classes)
         table[v, 0], table[v, 1] = torch.from_numpy(dice), torch.from_numpy(iou)
         if out_dir is not None:

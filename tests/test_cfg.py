@@ -112,7 +112,6 @@ REJECTED = [
     ("train", ["-val_frac", "1"], "-val_frac"),
     ("train", ["-synthetic_classes", "3"], "-synthetic_classes"),
     # data
-    ("train", ["-dataset", "isic"], "-data_path"),
     ("train", ["-rater_policy", "best"], "-rater_policy"),
     ("train", ["-rater_policy", "0"], "-rater_policy"),
     ("train", ["-rater_policy", "8"], "-rater_policy"),

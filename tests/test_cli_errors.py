@@ -59,6 +59,26 @@ def test_missing_data_path(run, tmp_path):
                           "-data_path", "nope")
 
 
+def test_dataset_without_data_path_names_both_flags(run):
+    """Checked once, where the data are found (datasets), and shown by the CLI in flag terms."""
+    line = assert_one_line_error(run(*TRAIN, "-dataset", "isic"), "-dataset isic", "-data_path DIR")
+    assert "`" not in line
+
+
+def test_library_errors_speak_of_arguments_and_the_cli_of_flags(tmp_path, make_options):
+    """datasets names what it was given (`data_path`); only the CLI layer turns that into -data_path."""
+    from cfg import in_flag_terms
+    from common.errors import UserError
+    from datasets import build_datasets
+
+    options = make_options(dataset="folder", data_path=tmp_path / "nope")
+    with pytest.raises(UserError) as error:
+        build_datasets(options)
+    assert str(error.value).startswith("`data_path` ") and "-data_path" not in str(error.value)
+    assert in_flag_terms(str(error.value)).startswith("-data_path ")
+    assert in_flag_terms("`not_a_flag` and `seed`") == "`not_a_flag` and -seed"
+
+
 def test_empty_folder_names_the_layouts_tried(run, tmp_path):
     assert_one_line_error(run(*TRAIN, "-dataset", "folder", "-data_path", str(tmp_path)), str(tmp_path), "tried")
 

@@ -44,12 +44,12 @@ def dice_of_untrained_model(tmp: Path) -> float:
     from cfg import parse_args
     from engine.runtime import Runtime
     from engine.session import build_model, load_data
-    from engine.evaluation import evaluate
+    from engine.evaluation import EvalSettings, evaluate
 
     config, _ = parse_args("train", BASE)
     data = load_data(config, verbose=False)
     model, _ = build_model(config, data.num_classes, 100, torch.device("cpu"), verbose=False)
-    return evaluate(model, data.val, config, Runtime(torch.device("cpu")), data.class_names)["dice_mean"]
+    return evaluate(model, data.val, EvalSettings.of(config), Runtime(torch.device("cpu")), data.class_names)["dice_mean"]
 
 
 def test_training_improves_dice_and_val_reproduces_it(tmp_path):
@@ -116,10 +116,13 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
 
 
-def test_two_processes_follow_one_process(tmp_path):
-    args = [*BASE, "-epochs", "2", "-aug", "light"]
+@pytest.mark.parametrize(("decoder", "port"), [("full", "29533"), ("lora", "29534")])
+def test_two_processes_follow_one_process(tmp_path, decoder, port):
+    """-decoder full: DDP searches for unused parameters (the IoU head); lora: every trainable one gets a
+    gradient, so DDP runs without the search."""
+    args = [*BASE, "-epochs", "2", "-aug", "light", "-decoder", decoder]
     run_script("train.py", *args, "-b", "4", "-exp_name", "single", tmp=tmp_path)
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port)
     run_script("train.py", *args, "-b", "2", "-exp_name", "ddp", tmp=tmp_path, launcher=torchrun)
     single, ddp = read_metrics(tmp_path / "ck" / "single"), read_metrics(tmp_path / "ck" / "ddp")
     assert [row["world_size"] for row in ddp] == ["2", "2"]

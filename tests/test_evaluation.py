@@ -8,7 +8,7 @@ from torch import nn
 
 from cfg import Config
 from datasets import DataOptions, build_datasets
-from engine.evaluation import evaluate
+from engine.evaluation import EvalSettings, evaluate
 from engine.runtime import Runtime
 
 
@@ -28,8 +28,9 @@ def test_original_resolution_metrics_use_the_original_masks():
         assert mask.shape == tuple(test[i]["original_hw"].tolist()) and mask.shape[0] > 32
         expected.append(2 * mask.sum() / (mask.sum() + mask.size))
     runtime = Runtime(torch.device("cpu"))
-    original = evaluate(Everywhere(), test, config, runtime, ["lesion"], original=True)
+    settings = EvalSettings(batch_size=3, workers=0, amp="none", image_size=32)  # only what evaluation reads
+    original = evaluate(Everywhere(), test, settings, runtime, ["lesion"], original=True)
     assert original["dice_mean"] == pytest.approx(float(np.mean(expected)), abs=1e-6)
     assert original["images"] == len(test)
-    at_model_size = evaluate(Everywhere(), test, config, runtime, ["lesion"])
+    at_model_size = evaluate(Everywhere(), test, settings, runtime, ["lesion"])
     assert at_model_size["dice_mean"] != pytest.approx(original["dice_mean"], abs=1e-4)  # 32 px masks differ

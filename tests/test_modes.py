@@ -632,3 +632,29 @@ def test_decoder_lora_trains_merges_and_exports_the_official_layout() -> None:
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
     assert adaptation.decoder_tuner is None
     assert list(model.state_dict()) == list(build("mobile_sam").state_dict())
+
+
+# ----------------------------------------------------------------------------- DDP find_unused_parameters
+DECODER_SETTINGS = tuple((m, d) for m in ALL_MODES for d in (("full", "lora", "frozen") if m in DECODER_MODES
+                                                              else (None,)))
+
+
+@pytest.mark.parametrize(("mode", "decoder"), DECODER_SETTINGS)
+def test_parameters_without_gradient_are_listed_per_mode_and_decoder(mode: str, decoder: str | None) -> None:
+    """trainable_without_gradient (DDP's find_unused_parameters) lists every trainable parameter that a step
+    with the engine's loss (logits only) leaves without a gradient, for click and box prompts, one and two
+    classes; it is empty exactly when every trainable parameter gets one (-decoder lora / frozen)."""
+    from models.modes.adaptation import trainable_without_gradient
+
+    options = {} if decoder is None else {"decoder": decoder}
+    for net in NETS:
+        listed, missing_grad = None, set()
+        for classes, prompts in ((1, clicks(2, 1)), (2, boxes(2, 2))):
+            model, _ = adapted(net, mode, num_classes=classes, **options)
+            listed = set(trainable_without_gradient(model))
+            assert listed <= set(trainable(model))
+            task_loss(forward(model, prompts)).backward()
+            missing_grad |= {n for n, p in trainable(model).items() if p.grad is None}
+        assert missing_grad <= listed, f"{net} {mode}: no gradient but not listed: {sorted(missing_grad - listed)}"
+        assert bool(listed) == bool(missing_grad), f"{net} {mode} {decoder}: listed {sorted(listed)[:3]}"
+        assert bool(listed) == (decoder in (None, "full"))  # sam_full and sam_decoder train the whole decoder

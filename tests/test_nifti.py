@@ -19,6 +19,7 @@ from cfg import Config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from datasets import build_datasets  # noqa: E402
 from datasets import nifti  # noqa: E402
+from engine.evaluation import EvalSettings  # noqa: E402
 from engine.runtime import Runtime  # noqa: E402
 from engine.volumes import dice_iou_3d, evaluate_volumes, predict_volume, write_label_volume  # noqa: E402
 from scripts.synthetic_volumes import AFFINE, make_case, write_volumes  # noqa: E402
@@ -88,7 +89,7 @@ def test_window_and_percentile_scaling():
     ramp = np.linspace(0, 1000, 1001)
     scaled = nifti.to_uint8(ramp, None)  # 0.5 / 99.5 percentiles = 5 / 995
     assert scaled[5] == 0 and scaled[995] == 255 and scaled[500] == 128
-    with pytest.raises(UserError, match="-window"):
+    with pytest.raises(UserError, match="`window`"):
         nifti.parse_window("40")
 
 
@@ -107,7 +108,7 @@ def test_labels_pick_and_order(make_options, volumes):
     assert np.array_equal(codes == 1, truth == 2) and np.array_equal(codes == 2, truth == 1)
     one = build(make_options, volumes, labels="2")
     assert one.class_names == ["kidney"] and one.num_classes == 1
-    with pytest.raises(UserError, match="-labels 3"):
+    with pytest.raises(UserError, match="`labels` 3"):
         build(make_options, volumes, labels="3")
 
 
@@ -176,8 +177,8 @@ def test_box_protocol_prediction_volume_and_written_file(make_options, volumes, 
     assert np.array_equal(values, nifti.ras_to_file_orientation(codes, source.affine))
     assert dice_iou_3d(values, raw_truth, 2)[0] == pytest.approx(dice)
 
-    summary, rows = evaluate_volumes(model, dataset, Config(b=4), Runtime(torch.device("cpu")),
-                                     data.class_names)
+    summary, rows = evaluate_volumes(model, dataset, EvalSettings(batch_size=4, workers=0, amp="none", image_size=48),
+                                     Runtime(torch.device("cpu")), data.class_names)
     assert [r["volume"] for r in rows] == [v.name for v in dataset.volumes]
     assert rows[0]["dice_liver"] == pytest.approx(dice[0])
     assert summary["dice_mean"] == pytest.approx(np.mean([r["dice_mean"] for r in rows]))

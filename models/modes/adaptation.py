@@ -1,6 +1,7 @@
 """What every mode returns, and the trainable-parameter bookkeeping shared by the modes."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,3 +85,19 @@ def parameter_table(segmenter: nn.Module, adapter_prefix: tuple[str, ...]) -> li
     table.append(("all", sum(r[1] for r in table), sum(r[2] for r in table)))
     return table
 
+
+
+# Trainable parameters that a training step may leave out of the autograd graph (no gradient at all):
+# - the mask decoder's IoU head: the predicted IoU never reaches the loss;
+# - the prompt encoder: which of its embeddings a step reads depends on the prompt kind (clicks leave the
+#   box-corner embeddings out, boxes the click ones), and SAM's mask_downscaling is never read (no mask prompts);
+# - TinyViT's ImageNet classifier (`norm_head`, `head`), which exists only for strict loading.
+# The decoder's tokens and every hypernetwork MLP stay in the graph (all masks are computed, then sliced),
+# and adapter/LoRA tensors always reach the loss. Only sam_full trains the last two groups.
+NO_GRADIENT = re.compile(r"mask_decoder\.iou_prediction_head\..*|prompt_encoder\..*|image_encoder\.(norm_head|head)\..*")
+
+
+def trainable_without_gradient(segmenter: nn.Module) -> list[str]:
+    """The trainable parameters that may get no gradient in a step; DDP needs `find_unused_parameters`
+    (an extra graph traversal every step) exactly when this is not empty."""
+    return [name for name, param in segmenter.named_parameters() if param.requires_grad and NO_GRADIENT.fullmatch(name)]
