@@ -116,8 +116,9 @@ class Config:
     epochs: int = flag(10, "training epochs")
     sched: str = flag("cosine", "learning-rate schedule, stepped every iteration", choices=("cosine", "step", "none"))
     seed: int = flag(0, "random seed", ALL)
-    amp: str = flag("none", "autocast: bf16 (CPU/CUDA) or fp16 with a gradient scaler (CUDA)", ALL,
-                    choices=("none", "bf16", "fp16"), val_may_change=True)
+    amp: str = flag("auto", "autocast: auto (bf16 where the hardware runs it natively: CUDA with bf16, CPUs with "
+                    "AVX512-BF16 or AMX; fp16 with a scaler on older CUDA; else fp32), none (fp32), bf16, or fp16 "
+                    "with a gradient scaler (CUDA)", ALL, choices=("auto", "none", "bf16", "fp16"), val_may_change=True)
     grad_ckpt: bool = flag(False, "activation checkpointing of the image-encoder blocks")
     cache_embeddings: bool = flag(False, "sam_decoder with -aug none: compute image embeddings once")
     # runtime and outputs
@@ -163,7 +164,7 @@ class Config:
     # benchmark.py
     nets: str = flag("mobile_sam:tiny_vit,sam:vit_b,efficient_sam:vit_t,efficient_sam:vit_s",
                      "comma-separated net:encoder pairs", (BENCH,))
-    amp_options: str = flag("none", "comma-separated -amp values to measure", (BENCH,))
+    amp_options: str = flag("none", "comma-separated -amp values to measure (auto records what it chose)", (BENCH,))
     grad_ckpt_options: str = flag("0", "comma-separated 0/1: without/with activation checkpointing", (BENCH,))
     steps: int = flag(3, "timed training steps per row", (BENCH,))
     warmup: int = flag(1, "untimed training steps per row (one is always run)", (BENCH,))
@@ -222,6 +223,9 @@ def validate(config: Config, given: set[str], script: str) -> None:
             raise UserError(f"-{name} must not be negative, got {getattr(config, name)}")
     if config.lora_dropout >= 1:
         raise UserError(f"-lora_dropout must be below 1, got {config.lora_dropout}")
+    bad_amp = [v for v in config.amp_options.split(",") if v not in ("auto", "none", "bf16", "fp16")]
+    if script == BENCH and bad_amp:
+        raise UserError(f"-amp_options takes auto, none, bf16 or fp16, got {','.join(bad_amp)}")
     if script == BENCH and (config.steps <= 0 or config.warmup < 0):
         raise UserError("-steps must be positive and -warmup not negative")
     for name in ("mid_dim", "out_size", "max_train", "max_eval"):

@@ -21,6 +21,7 @@ from models.merge import merge_adapters
 from models.modes import get_mode
 from models.segmenter import Prompts
 
+from .amp import resolve_amp
 from .checkpoints import save_weights
 from .loss import PerClassDiceCE
 from .runtime import PeakMemory, resolve_device, synchronize
@@ -122,7 +123,9 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
             merged_ms = infer(model)
         base = build_base(config, 1).to(device)
         base_ms = infer(base.eval())
-    return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "amp": config.amp,
+    chosen = resolve_amp(config.amp, device)
+    amp = f"auto:{chosen}" if config.amp == "auto" else config.amp  # what auto chose on this machine
+    return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "amp": amp,
             "grad_ckpt": config.grad_ckpt, "image_size": config.image_size, "batch": config.b,
             "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in base.parameters()),
             "ckpt_mb": round(ckpt_mb, 2), "sec_per_step": round(sec_per_step, 4),
