@@ -42,7 +42,7 @@ FLAG_GROUPS = {
                 "ckpt_steps",
     "output": "vis exp_name ckpt_root figs_root",
     "evaluation and export": "weights which split json save_pred images boxes prompt_from merge export onnx",
-    "compare and benchmark": "mods seeds runs decoders ranks train_sizes overwrite nets amp_options grad_ckpt_options "
+    "compare and benchmark": "mods seeds runs decoders ranks train_sizes overwrite nets amp_options grad_ckpt_options no_plain "
                              "steps warmup out",
 }
 FLAG_GROUP = {name: group for group, names in FLAG_GROUPS.items() for name in names.split()}
@@ -153,7 +153,7 @@ class Config:
     runs: Optional[str] = flag(None, "comma-separated existing run folders to tabulate instead of training",
                                (COMPARE,))
     decoders: Optional[str] = flag(None, "comma-separated -decoder settings to run each PEFT mode with "
-                                   "(e.g. full,lora; default: -decoder)", (COMPARE,))
+                                   "(e.g. full,lora; default: -decoder)", (COMPARE, BENCH))
     ranks: Optional[str] = flag(None, "comma-separated LoRA ranks to run the LoRA-family modes at (e.g. 1,2,4,8,16; "
                                 "AdaLoRA: the target rank, starting at 3x)", (COMPARE,))
     train_sizes: Optional[str] = flag(None, "comma-separated training-set sizes: each run trains on the first N "
@@ -166,6 +166,8 @@ class Config:
                      "comma-separated net:encoder pairs", (BENCH,))
     amp_options: str = flag("none", "comma-separated -amp values to measure (auto records what it chose)", (BENCH,))
     grad_ckpt_options: str = flag("0", "comma-separated 0/1: without/with activation checkpointing", (BENCH,))
+    no_plain: bool = flag(False, "skip the reference row (a plain PyTorch full fine-tuning step per net and -amp, "
+                          "measured first) and the *_vs_plain ratios", (BENCH,))
     steps: int = flag(3, "timed training steps per row", (BENCH,))
     warmup: int = flag(1, "untimed training steps per row (one is always run)", (BENCH,))
     out: str = flag("figs/benchmark", "output prefix: writes <out>.csv and <out>.md", (BENCH,))
