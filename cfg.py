@@ -38,7 +38,7 @@ FLAG_GROUPS = {
                   "adalora_tinit adalora_tfinal adalora_delta_t adalora_orth_reg",
     "data": "dataset data_path prompt n_points n_neg_points aug val_frac roi_crop rater_policy synthetic_size "
             "synthetic_classes slice_axis window labels cache_images max_train max_eval",
-    "training": "b lr weight_decay epochs sched seed amp grad_ckpt cache_embeddings device workers val_freq resume "
+    "training": "b lr weight_decay epochs sched seed amp grad_ckpt compile cache_embeddings device workers val_freq resume "
                 "ckpt_steps",
     "output": "vis exp_name ckpt_root figs_root",
     "evaluation and export": "weights which split json save_pred images boxes prompt_from merge export onnx",
@@ -120,6 +120,8 @@ class Config:
                     "AVX512-BF16 or AMX; fp16 with a scaler on older CUDA; else fp32), none (fp32), bf16, or fp16 "
                     "with a gradient scaler (CUDA)", ALL, choices=("auto", "none", "bf16", "fp16"), val_may_change=True)
     grad_ckpt: bool = flag(False, "activation checkpointing of the image-encoder blocks")
+    compile: bool = flag(False, "torch.compile the net for the training step (the first step compiles: minutes on "
+                         "a CPU; benchmark.py reports the gain and compile_s)", (TRAIN, COMPARE, BENCH))
     cache_embeddings: bool = flag(False, "sam_decoder with -aug none: compute image embeddings once")
     # runtime and outputs
     device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"), val_may_change=True)

@@ -26,12 +26,13 @@ from .checkpoints import save_weights
 from .loss import PerClassDiceCE
 from .runtime import PeakMemory, resolve_device, synchronize
 from .session import build_base, build_model
+from .trainer import keep_frozen_batchnorm_in_eval
 from .evaluation import autocast_context
 
 PLAIN = "plain_full"  # the -mod column of the reference row: a minimal full fine-tuning loop
 
-COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "image_size", "batch", "trainable_params", "total_params",
-           "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
+COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "compile", "compile_s", "image_size", "batch",
+           "trainable_params", "total_params", "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
            "matmul_fraction", "time_vs_plain", "peak_vs_plain", "train_mem_vs_plain", "infer_base_ms",
            "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
 
@@ -62,9 +63,11 @@ def synthetic_batch(config: Config, classes: int, device: torch.device) -> tuple
     return images.to(device), masks.to(device), Prompts(points, labels).to(device)
 
 
-def _timed(function, repeats: int, device: torch.device) -> float:
-    """Median seconds per call over `repeats` calls, after one untimed call (first-call allocations)."""
-    function()
+def _timed(function, repeats: int, device: torch.device, warm: bool = True) -> float:
+    """Median seconds per call over `repeats` calls, after one untimed call (first-call allocations;
+    warm=False: the caller made it)."""
+    if warm:
+        function()
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -125,9 +128,11 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     loss_fn = PerClassDiceCE()
     step_counter = iter(range(1, 10 ** 9))
 
-    def train_step() -> None:
+    net = torch.compile(model) if config.compile else model
+
+    def train_step(net: torch.nn.Module = net) -> None:
         with autocast_context(config.amp, device):
-            logits, _ = model(images, prompts)
+            logits, _ = net(images, prompts)
         logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear")
         loss = loss_fn(logits, masks)
         extra = adaptation.extra_loss()
@@ -137,15 +142,19 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
+    keep_frozen_batchnorm_in_eval(model)  # as the trainer does
     memory = PeakMemory(device)
     memory.reset()
     start_mb = memory.peak_mb()  # model, batch and optimizer are in memory; training adds the rest
-    for _ in range(max(warmup - 1, 0)):
+    started = time.perf_counter()
+    train_step()  # -compile: compiles here
+    first_step = time.perf_counter() - started
+    for _ in range(max(warmup - 2, 0)):
         train_step()
-    sec_per_step = _timed(train_step, steps, device)  # its untimed first call is the last warm-up step
+    sec_per_step = _timed(train_step, steps, device, warm=warmup >= 2)  # the first step is a warm-up step
     peak = memory.peak_mb()
     with FlopCounterMode(display=False) as counter:
-        train_step()
+        train_step(model)  # counted on the eager model (the same operations)
     gflop = counter.get_total_flops() / 1e9
 
     with tempfile.TemporaryDirectory() as folder:
@@ -167,8 +176,9 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     amp = f"auto:{chosen}" if config.amp == "auto" else config.amp  # what auto chose on this machine
     decoder = config.decoder if "decoder" in get_mode(config.mod).options else ""
     return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "decoder": decoder, "amp": amp,
-            "grad_ckpt": config.grad_ckpt, "image_size": config.image_size, "batch": config.b,
-            "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in base.parameters()),
+            "grad_ckpt": config.grad_ckpt, "compile": config.compile,
+            "compile_s": round(first_step - sec_per_step, 1) if config.compile else None,
+            "image_size": config.image_size, "batch": config.b, "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in base.parameters()),
             "ckpt_mb": round(ckpt_mb, 2), "sec_per_step": round(sec_per_step, 4),
             "images_per_s": round(config.b / sec_per_step, 2), "peak_mem_mb": round(peak, 1),
             "train_mem_mb": round(peak - start_mb, 1),

@@ -122,6 +122,8 @@ class Trainer:
             # traversal may report nothing unused, yet it gets no gradient); static_graph failed with sam_lora
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.network = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+        if config.compile:  # the forward (and its backward) of the training step; checkpoints use self.model
+            self.network = torch.compile(self.network)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
 
     # ----------------------------------------------------------------------------- resume
