@@ -66,3 +66,10 @@ def test_cli_default_is_auto_and_values_are_checked():
         parse_args("train", ["-amp", "fast"])
     with pytest.raises(UserError, match="-amp_options"):
         parse_args("benchmark", ["-amp_options", "auto,fp8"])
+
+
+def test_compile_flag_reaches_train_and_benchmark():
+    assert parse_args("train", ["-compile"])[0].compile and not parse_args("train", [])[0].compile
+    assert parse_args("benchmark", ["-compile", "-no_plain"])[0].compile
+    with pytest.raises(SystemExit):
+        parse_args("val", ["-compile"])
