@@ -11,28 +11,39 @@ def main(argv=None) -> None:
     from pathlib import Path
 
     from cfg import parse_args, parse_modes
+    from common.errors import UserError
 
     config, _ = parse_args("benchmark", argv)  # before the heavy imports
 
-    from engine.benchmark import COLUMNS, benchmark_table, machine_description, run_benchmark
+    from engine.benchmark import COLUMNS, PLAIN, benchmark_table, machine_description, run_benchmark
     from engine.runtime import resolve_device
     from models.modes import get_mode
     from models.registry import resolve_encoder
 
+    decoders = (config.decoders or config.decoder).split(",")
+    unknown = [d for d in decoders if d not in ("full", "lora", "frozen")]
+    if unknown:
+        raise UserError(f"-decoders: unknown setting {unknown[0]}; choose from full, lora, frozen")
     configs = []
     for pair in config.nets.split(","):
         net, _, encoder = pair.partition(":")
         encoder = resolve_encoder(net, encoder or "default")
-        for mod in parse_modes(config.mods):
-            for amp in config.amp_options.split(","):
-                for ckpt in config.grad_ckpt_options.split(","):
-                    grad_ckpt = ckpt == "1" and get_mode(mod).trains_encoder
-                    configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=mod, amp=amp,
-                                                       grad_ckpt=grad_ckpt))
+        for amp in config.amp_options.split(","):
+            if not config.no_plain:
+                configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=PLAIN, amp=amp,
+                                                   grad_ckpt=False))
+            for mod in parse_modes(config.mods):
+                for decoder in decoders if "decoder" in get_mode(mod).options else [config.decoder]:
+                    for ckpt in config.grad_ckpt_options.split(","):
+                        grad_ckpt = ckpt == "1" and get_mode(mod).trains_encoder
+                        configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=mod, amp=amp,
+                                                           decoder=decoder, grad_ckpt=grad_ckpt))
     rows, reference = run_benchmark(configs, config.steps, config.warmup)
     machine = machine_description(resolve_device(config.device))
     table = (f"Machine: {machine}; float32 matmul reference {reference:.1f} GFLOP/s; image size "
-             f"{config.image_size}, batch {config.b}, {config.steps} timed steps; random base weights.\n\n"
+             f"{config.image_size}, batch {config.b}, {config.steps} timed steps; random base weights; "
+             f"{PLAIN}: a plain PyTorch full fine-tuning step of the same net, the base of the *_vs_plain "
+             f"ratios.\n\n"
              + benchmark_table(rows))
     print(table)
     out = Path(config.out)

@@ -39,11 +39,11 @@ FLAG_GROUPS = {
                   "adalora_tinit adalora_tfinal adalora_delta_t adalora_orth_reg",
     "data": "dataset data_path prompt n_points n_neg_points aug val_frac roi_crop rater_policy synthetic_size "
             "synthetic_classes slice_axis window labels cache_images max_train max_eval",
-    "training": "b lr weight_decay epochs sched seed amp grad_ckpt cache_embeddings device workers val_freq resume "
+    "training": "b lr weight_decay epochs sched seed amp grad_ckpt compile cache_embeddings device workers val_freq resume "
                 "ckpt_steps",
     "output": "vis exp_name ckpt_root figs_root",
     "evaluation and export": "weights which split json save_pred images boxes prompt_from merge export onnx",
-    "compare and benchmark": "mods seeds runs decoders ranks train_sizes overwrite nets amp_options grad_ckpt_options "
+    "compare and benchmark": "mods seeds runs decoders ranks train_sizes overwrite nets amp_options grad_ckpt_options no_plain "
                              "steps warmup out",
 }
 FLAG_GROUP = {name: group for group, names in FLAG_GROUPS.items() for name in names.split()}
@@ -117,9 +117,12 @@ class Config:
     epochs: int = flag(10, "training epochs")
     sched: str = flag("cosine", "learning-rate schedule, stepped every iteration", choices=("cosine", "step", "none"))
     seed: int = flag(0, "random seed", ALL)
-    amp: str = flag("none", "autocast: bf16 (CPU/CUDA) or fp16 with a gradient scaler (CUDA)", ALL,
-                    choices=("none", "bf16", "fp16"), val_may_change=True)
+    amp: str = flag("auto", "autocast: auto (bf16 where the hardware runs it natively: CUDA with bf16, CPUs with "
+                    "AVX512-BF16 or AMX; fp16 with a scaler on older CUDA; else fp32), none (fp32), bf16, or fp16 "
+                    "with a gradient scaler (CUDA)", ALL, choices=("auto", "none", "bf16", "fp16"), val_may_change=True)
     grad_ckpt: bool = flag(False, "activation checkpointing of the image-encoder blocks")
+    compile: bool = flag(False, "torch.compile the net for the training step (the first step compiles: minutes on "
+                         "a CPU; benchmark.py reports the gain and compile_s)", (TRAIN, COMPARE, BENCH))
     cache_embeddings: bool = flag(False, "sam_decoder with -aug none: compute image embeddings once")
     # runtime and outputs
     device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"), val_may_change=True)
@@ -153,7 +156,7 @@ class Config:
     runs: Optional[str] = flag(None, "comma-separated existing run folders to tabulate instead of training",
                                (COMPARE,))
     decoders: Optional[str] = flag(None, "comma-separated -decoder settings to run each PEFT mode with "
-                                   "(e.g. full,lora; default: -decoder)", (COMPARE,))
+                                   "(e.g. full,lora; default: -decoder)", (COMPARE, BENCH))
     ranks: Optional[str] = flag(None, "comma-separated LoRA ranks to run the LoRA-family modes at (e.g. 1,2,4,8,16; "
                                 "AdaLoRA: the target rank, starting at 3x)", (COMPARE,))
     train_sizes: Optional[str] = flag(None, "comma-separated training-set sizes: each run trains on the first N "
@@ -164,8 +167,10 @@ class Config:
     # benchmark.py
     nets: str = flag("mobile_sam:tiny_vit,sam:vit_b,efficient_sam:vit_t,efficient_sam:vit_s",
                      "comma-separated net:encoder pairs", (BENCH,))
-    amp_options: str = flag("none", "comma-separated -amp values to measure", (BENCH,))
+    amp_options: str = flag("none", "comma-separated -amp values to measure (auto records what it chose)", (BENCH,))
     grad_ckpt_options: str = flag("0", "comma-separated 0/1: without/with activation checkpointing", (BENCH,))
+    no_plain: bool = flag(False, "skip the reference row (a plain PyTorch full fine-tuning step per net and -amp, "
+                          "measured first) and the *_vs_plain ratios", (BENCH,))
     steps: int = flag(3, "timed training steps per row", (BENCH,))
     warmup: int = flag(1, "untimed training steps per row (one is always run)", (BENCH,))
     out: str = flag("figs/benchmark", "output prefix: writes <out>.csv and <out>.md", (BENCH,))
@@ -233,6 +238,9 @@ def validate(config: Config, given: set[str], script: str) -> None:
             raise UserError(f"-{name} must not be negative, got {getattr(config, name)}")
     if config.lora_dropout >= 1:
         raise UserError(f"-lora_dropout must be below 1, got {config.lora_dropout}")
+    bad_amp = [v for v in config.amp_options.split(",") if v not in ("auto", "none", "bf16", "fp16")]
+    if script == BENCH and bad_amp:
+        raise UserError(f"-amp_options takes auto, none, bf16 or fp16, got {','.join(bad_amp)}")
     if script == BENCH and (config.steps <= 0 or config.warmup < 0):
         raise UserError("-steps must be positive and -warmup not negative")
     for name in ("mid_dim", "out_size", "max_train", "max_eval"):

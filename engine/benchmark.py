@@ -21,15 +21,20 @@ from models.merge import merge_adapters
 from models.modes import get_mode
 from models.segmenter import Prompts
 
+from .amp import resolve_amp
 from .checkpoints import save_weights
 from .loss import PerClassDiceCE
 from .runtime import PeakMemory, resolve_device, synchronize
 from .session import build_base, build_model
+from .trainer import keep_frozen_batchnorm_in_eval
 from .evaluation import autocast_context
 
-COLUMNS = ("net", "encoder", "mod", "amp", "grad_ckpt", "image_size", "batch", "trainable_params", "total_params",
-           "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
-           "matmul_fraction", "infer_base_ms", "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
+PLAIN = "plain_full"  # the -mod column of the reference row: a minimal full fine-tuning loop
+
+COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "compile", "compile_s", "image_size", "batch",
+           "trainable_params", "total_params", "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
+           "matmul_fraction", "time_vs_plain", "peak_vs_plain", "train_mem_vs_plain", "infer_base_ms",
+           "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -58,9 +63,11 @@ def synthetic_batch(config: Config, classes: int, device: torch.device) -> tuple
     return images.to(device), masks.to(device), Prompts(points, labels).to(device)
 
 
-def _timed(function, repeats: int, device: torch.device) -> float:
-    """Median seconds per call over `repeats` calls, after one untimed call (first-call allocations)."""
-    function()
+def _timed(function, repeats: int, device: torch.device, warm: bool = True) -> float:
+    """Median seconds per call over `repeats` calls, after one untimed call (first-call allocations;
+    warm=False: the caller made it)."""
+    if warm:
+        function()
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -69,6 +76,43 @@ def _timed(function, repeats: int, device: torch.device) -> float:
         synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def measure_plain(config: Config, steps: int, warmup: int) -> dict:
+    """The reference row: plain PyTorch full fine-tuning of the base net (forward under the row's autocast,
+    Dice+CE loss, backward, AdamW step) without any toolkit machinery, for the *_vs_plain ratios."""
+    device = resolve_device(config.device)
+    model = build_base(config, 1).to(device).train()
+    images, masks, prompts = synthetic_batch(config, 1, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    loss_fn = PerClassDiceCE()
+
+    def train_step() -> None:
+        with autocast_context(config.amp, device):
+            logits, _ = model(images, prompts)
+        logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear")
+        loss_fn(logits, masks).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    memory = PeakMemory(device)
+    memory.reset()
+    start_mb = memory.peak_mb()
+    for _ in range(max(warmup - 1, 0)):
+        train_step()
+    sec_per_step = _timed(train_step, steps, device)
+    peak = memory.peak_mb()
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    gflop = counter.get_total_flops() / 1e9
+    params = sum(p.numel() for p in model.parameters())
+    chosen = resolve_amp(config.amp, device)
+    return {"net": config.net, "encoder": config.encoder, "mod": PLAIN, "decoder": "", "grad_ckpt": False,
+            "amp": f"auto:{chosen}" if config.amp == "auto" else config.amp, "image_size": config.image_size,
+            "batch": config.b, "trainable_params": params, "total_params": params,
+            "sec_per_step": round(sec_per_step, 4), "images_per_s": round(config.b / sec_per_step, 2),
+            "peak_mem_mb": round(peak, 1), "train_mem_mb": round(peak - start_mb, 1),
+            "train_gflops_per_s": round(gflop / sec_per_step, 2)}
 
 
 def measure(config: Config, steps: int, warmup: int) -> dict:
@@ -84,9 +128,11 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     loss_fn = PerClassDiceCE()
     step_counter = iter(range(1, 10 ** 9))
 
-    def train_step() -> None:
+    net = torch.compile(model) if config.compile else model
+
+    def train_step(net: torch.nn.Module = net) -> None:
         with autocast_context(config.amp, device):
-            logits, _ = model(images, prompts)
+            logits, _ = net(images, prompts)
         logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear")
         loss = loss_fn(logits, masks)
         extra = adaptation.extra_loss()
@@ -96,15 +142,19 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
+    keep_frozen_batchnorm_in_eval(model)  # as the trainer does
     memory = PeakMemory(device)
     memory.reset()
     start_mb = memory.peak_mb()  # model, batch and optimizer are in memory; training adds the rest
-    for _ in range(max(warmup - 1, 0)):
+    started = time.perf_counter()
+    train_step()  # -compile: compiles here
+    first_step = time.perf_counter() - started
+    for _ in range(max(warmup - 2, 0)):
         train_step()
-    sec_per_step = _timed(train_step, steps, device)  # its untimed first call is the last warm-up step
+    sec_per_step = _timed(train_step, steps, device, warm=warmup >= 2)  # the first step is a warm-up step
     peak = memory.peak_mb()
     with FlopCounterMode(display=False) as counter:
-        train_step()
+        train_step(model)  # counted on the eager model (the same operations)
     gflop = counter.get_total_flops() / 1e9
 
     with tempfile.TemporaryDirectory() as folder:
@@ -122,9 +172,13 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
             merged_ms = infer(model)
         base = build_base(config, 1).to(device)
         base_ms = infer(base.eval())
-    return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "amp": config.amp,
-            "grad_ckpt": config.grad_ckpt, "image_size": config.image_size, "batch": config.b,
-            "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in base.parameters()),
+    chosen = resolve_amp(config.amp, device)
+    amp = f"auto:{chosen}" if config.amp == "auto" else config.amp  # what auto chose on this machine
+    decoder = config.decoder if "decoder" in get_mode(config.mod).options else ""
+    return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "decoder": decoder, "amp": amp,
+            "grad_ckpt": config.grad_ckpt, "compile": config.compile,
+            "compile_s": round(first_step - sec_per_step, 1) if config.compile else None,
+            "image_size": config.image_size, "batch": config.b, "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in base.parameters()),
             "ckpt_mb": round(ckpt_mb, 2), "sec_per_step": round(sec_per_step, 4),
             "images_per_s": round(config.b / sec_per_step, 2), "peak_mem_mb": round(peak, 1),
             "train_mem_mb": round(peak - start_mb, 1),
@@ -137,7 +191,8 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
 def _measure_in_child(args: tuple[dict, int, int, int]) -> dict:
     values, steps, warmup, threads = args
     torch.set_num_threads(threads)
-    return measure(Config(**values), steps, warmup)
+    config = Config(**values)
+    return (measure_plain if config.mod == PLAIN else measure)(config, steps, warmup)
 
 
 def run_benchmark(configs: list[Config], steps: int, warmup: int) -> list[dict]:
@@ -151,6 +206,12 @@ def run_benchmark(configs: list[Config], steps: int, warmup: int) -> list[dict]:
         with context.Pool(1) as pool:
             row = pool.apply(_measure_in_child, ((config.to_json(), steps, warmup, threads),))
         row["matmul_fraction"] = round(row["train_gflops_per_s"] / reference, 3)
+        plain = next((r for r in rows if r["mod"] == PLAIN and (r["net"], r["encoder"], r["amp"])
+                      == (row["net"], row["encoder"], row["amp"])), None)
+        if plain is not None:
+            for column, key in (("time_vs_plain", "sec_per_step"), ("peak_vs_plain", "peak_mem_mb"),
+                                ("train_mem_vs_plain", "train_mem_mb")):
+                row[column] = round(row[key] / plain[key], 3)
         print(format_row(row), flush=True)
         rows.append(row)
     return rows, reference

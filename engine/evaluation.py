@@ -16,6 +16,7 @@ from common.errors import UserError
 from common.progress import progress
 from models.segmenter import PromptableSegmenter, Prompts
 
+from .amp import resolve_amp
 from .metrics import MetricAccumulator, valid_region
 from .runtime import Runtime
 from .sampler import ShardSampler
@@ -28,6 +29,8 @@ def prompts_from_batch(batch: dict, device: torch.device) -> Prompts:
 
 
 def autocast_context(amp: str, device: torch.device):
+    """Autocast for -amp none|bf16|fp16|auto (auto: engine/amp.py's choice for `device`)."""
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return nullcontext()
     if amp == "fp16" and device.type != "cuda":

@@ -33,7 +33,7 @@ class Predictor:
     """Encode one image once (`set_image`), then decode any number of prompts (`predict`)."""
 
     def __init__(self, model: PromptableSegmenter, image_size: int, device: Optional[torch.device] = None,
-                 class_names: Optional[list[str]] = None, amp: str = "none"):
+                 class_names: Optional[list[str]] = None, amp: str = "auto"):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.image_size = image_size

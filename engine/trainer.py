@@ -23,6 +23,7 @@ from models.segmenter import PromptableSegmenter
 from common.progress import progress as progress_bar
 
 from . import checkpoints
+from .amp import resolve_amp
 from .evaluation import EvalSettings, IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
 from .logbook import TensorBoardLog, format_number, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
@@ -106,7 +107,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(config.sched, step, self.total_steps))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
+        self.amp = resolve_amp(config.amp, runtime.device, announce=runtime.is_main)  # auto: what it chose
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.loss_fn = PerClassDiceCE()
         self.memory = PeakMemory(runtime.device)
         self.state = TrainState()
@@ -122,6 +124,8 @@ class Trainer:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.network = DistributedDataParallel(model, device_ids=device_ids,
                                                    find_unused_parameters=bool(trainable_without_gradient(model)))
+        if config.compile:  # the forward (and its backward) of the training step; checkpoints use self.model
+            self.network = torch.compile(self.network)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
 
     # ----------------------------------------------------------------------------- resume

@@ -19,6 +19,8 @@ TINY_VIT_TARGETS = AdaptTargets(
     # rank to be divisible by `groups` (raises ValueError for r=4, groups=256), and its dense lora_A
     # would mix channels that the depthwise conv keeps apart.
     convs=r"patch_embed\.seq\.[02]\.c|layers\.0\.blocks\.\d+\.conv[13]\.c",
+    # the convolutional stem and stage 0 (LiteMedSAM: at full input resolution) hold no adapter
+    prefix=("patch_embed", "layers.0"),
 )
 
 

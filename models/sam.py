@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder
 from torch import Tensor, nn
 
+from .frozen_prefix import install_frozen_prefix
 from .preprocess import standardise
 from .registry import register_net
 from .sam_decoder import SAM_PIXEL_MEAN, SAM_PIXEL_STD, BatchedMaskDecoder, sam_mask_decoder, sam_prompt_encoder
@@ -29,6 +30,7 @@ class SamStyleSegmenter(PromptableSegmenter):
         self.prompt_encoder: PromptEncoder = sam_prompt_encoder(image_size, embedding_stride)
         self.mask_decoder: BatchedMaskDecoder = sam_mask_decoder()
         self.adapt_targets = adapt_targets
+        install_frozen_prefix(image_encoder, adapt_targets.prefix)
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 

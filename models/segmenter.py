@@ -37,7 +37,10 @@ class AdaptTargets:
     linears: attention qkv/proj and MLP linears (LoRA, AdaLoRA, DoRA targets);
     attention / mlp: the modules an Adapter follows (attention) or runs beside (MLP);
     blocks: the transformer blocks that activation checkpointing wraps;
-    convs: the convolutions of a convolutional stem that `-lora_conv` also adapts ("" when none).
+    convs: the convolutions of a convolutional stem that `-lora_conv` also adapts ("" when none);
+    prefix: names of the leading modules, in order, that precede every adapter and every trainable part
+        of the PEFT modes (without -lora_conv): run without autograd state and in channels-last while
+        frozen (models/frozen_prefix.py).
     """
 
     linears: str
@@ -45,6 +48,7 @@ class AdaptTargets:
     mlp: str
     blocks: str
     convs: str = ""
+    prefix: tuple[str, ...] = ()
 
 
 class PromptableSegmenter(nn.Module):

@@ -23,8 +23,13 @@ def test_benchmark_rows(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out.with_suffix(".csv")) as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["mod"] for row in rows] == ["sam_lora", "sam_adpt"] and list(rows[0]) == list(COLUMNS)
-    lora, adapter = rows
+    assert [row["mod"] for row in rows] == ["plain_full", "sam_lora", "sam_adpt"] and list(rows[0]) == list(COLUMNS)
+    plain, lora, adapter = rows
+    assert int(plain["trainable_params"]) == int(plain["total_params"]) == int(lora["total_params"])
+    assert plain["time_vs_plain"] == "" and float(lora["time_vs_plain"]) == pytest.approx(
+        float(lora["sec_per_step"]) / float(plain["sec_per_step"]), abs=2e-3)
+    assert float(lora["peak_vs_plain"]) > 0 and float(adapter["train_mem_vs_plain"]) > 0
+    assert lora["decoder"] == "full" and lora["amp"] == "none"
     assert int(lora["trainable_params"]) == 4_177_124 and int(adapter["trainable_params"]) == 4_454_148
     assert float(lora["ckpt_mb"]) == pytest.approx(4_177_124 * 4 / 2 ** 20, rel=0.01)  # float32 tensors + header
     assert float(lora["sec_per_step"]) > 0 and float(lora["peak_mem_mb"]) > float(lora["train_mem_mb"]) > 0

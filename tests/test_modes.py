@@ -524,7 +524,8 @@ def test_merge_folds_adapters_into_official_layout(net: str, mode: str, tmp_path
     torch.save(exported, path)
     reloaded = build_segmenter(net_name, encoder, SIZE, 1, checkpoint=str(path), **overrides).eval()
     with torch.no_grad():
-        torch.testing.assert_close(forward(reloaded), merged, atol=1e-6, rtol=0)
+        # 1e-5: the merged net's frozen TinyViT prefix runs in channels-last, the reloaded (trainable) one not
+        torch.testing.assert_close(forward(reloaded), merged, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mode", [m for m in ALL_MODES if not get_mode(m).mergeable])
