@@ -65,13 +65,23 @@ def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
             module.eval()
 
 
-def updated_parameter_counts(model: nn.Module, mode: str) -> dict[str, int]:
-    """Per part of the parameter table, the trainable elements whose gradient is non-zero after a real
-    backward: trainable parameters that never get one (SAM's IoU head, the hypernetworks of the mask
-    tokens no class reads) are counted as trainable but not as updated."""
+# Zero-initialised adapter halves (LoRA's B, the Adapter's up-projection, AdaLoRA's E) leave their partners
+# without gradient in the very first step; from the second step on every trained parameter has one.
+UPDATE_PROBE_STEPS = 2
+
+
+def nonzero_gradient_names(model: nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters()
+            if param.requires_grad and param.grad is not None and bool(torch.count_nonzero(param.grad))}
+
+
+def updated_parameter_counts(model: nn.Module, mode: str, updated: set[str]) -> dict[str, int]:
+    """Per part of the parameter table, the trainable elements among `updated` (the parameters whose gradient
+    was non-zero in the first UPDATE_PROBE_STEPS steps): trainable parameters that never get one (SAM's IoU
+    head, the hypernetworks of the mask tokens no class reads) are counted as trainable but not as updated."""
     counts: dict[str, int] = {}
     for part, name, param in parameter_parts(model, get_mode(mode).adapter_prefix):
-        if param.requires_grad and param.grad is not None and bool(torch.count_nonzero(param.grad)):
+        if name in updated:
             counts[part] = counts.get(part, 0) + param.numel()
     return counts
 
@@ -115,7 +125,8 @@ class Trainer:
         self.embedding_cache: dict[int, Tensor] = {}
         if config.cache_embeddings:
             self.train_set = IndexedDataset(train_set)
-        self.updated_parameters: Optional[dict[str, int]] = None  # per part, after the first step
+        self.updated_parameters: Optional[dict[str, int]] = None  # per part, after UPDATE_PROBE_STEPS steps
+        self.gradient_seen: set[str] = set()
         self.network = model
         if runtime.distributed:
             # find_unused (an extra graph traversal every step) only where a trainable parameter may get no
@@ -199,7 +210,10 @@ class Trainer:
         total = loss if extra is None else loss + extra
         self.scaler.scale(total).backward()
         if self.updated_parameters is None:
-            self.updated_parameters = updated_parameter_counts(self.model, self.adaptation.mode)
+            self.gradient_seen |= nonzero_gradient_names(self.model)
+            if self.state.global_step + 1 >= UPDATE_PROBE_STEPS:
+                self.updated_parameters = updated_parameter_counts(self.model, self.adaptation.mode,
+                                                                   self.gradient_seen)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -225,9 +239,9 @@ class Trainer:
         synchronize(self.runtime.device)
         started = time.perf_counter()
         for batch in progress:
-            first = self.updated_parameters is None
+            unknown = self.updated_parameters is None
             loss = self.train_step(batch)
-            if first and self.runtime.is_main:
+            if unknown and self.updated_parameters is not None and self.runtime.is_main:
                 from .session import format_parameter_table
 
                 progress.write(format_parameter_table(self.model, self.config.mod, self.updated_parameters))
