@@ -6,7 +6,7 @@ PYTHON ?= python3
 export NO_ALBUMENTATIONS_UPDATE = 1
 STAMP := .install-stamp
 DEMO := demo_lite_medsam
-DEMO_FLAGS := -net lite_medsam -dataset synthetic -prompt click -image_size 128 -epochs 4 -b 4 -lr 5e-4
+DEMO_FLAGS := -net lite_medsam -dataset synthetic -prompt click -image_size 128 -epochs 2 -b 4 -lr 5e-4
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt

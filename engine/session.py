@@ -98,7 +98,7 @@ def format_parameter_table(model: torch.nn.Module, mode: str, updated: Optional[
     """The trainable-parameter table; with `updated` (per part, from the first real step: elements whose
     gradient is non-zero) an `updated` column tells the parameters that train from those that merely could."""
     extra = f"{'updated':>13}" if updated is not None else ""
-    lines = [f"trainable parameters ({mode}){' and those the first step updated' if extra else ''}:",
+    lines = [f"trainable parameters ({mode}){' and those the first two steps updated' if extra else ''}:",
              f"  {'part':<17}{'trainable':>13}{extra}{'total':>13}{'share':>9}"]
     for part, trainable, total in parameter_table(model, get_mode(mode).adapter_prefix):
         share = f"{100 * trainable / total:.2f}%" if total else "-"
