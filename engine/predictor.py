@@ -133,7 +133,8 @@ class Predictor:
             prompts.points = torch.from_numpy(coords).view(1, classes, -1, 2)
             prompts.point_labels = torch.from_numpy(marks).view(1, classes, -1)
         with autocast_context(self.amp, self.device):
-            logits, iou = self.model(None, prompts.to(self.device), embeddings=self.embeddings)
+            logits, iou = self.model(None, prompts.to(self.device), embeddings=self.embeddings,
+                                     valid_hw=torch.tensor([self.valid_hw], device=self.device))
         logits = F.interpolate(logits.float(), size=(self.image_size, self.image_size), mode="bilinear",
                                align_corners=False)[0]
         masks = (logits_at_original_size(logits, torch.tensor(self.valid_hw), torch.tensor(self.original_hw)) > 0).cpu().numpy()

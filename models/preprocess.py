@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -36,3 +37,37 @@ def min_max(images: Tensor, valid_hw: Optional[Tensor], eps: float = 1e-8) -> Te
     low = torch.where(valid, images, torch.inf).amin(dim=(1, 2, 3), keepdim=True)
     high = torch.where(valid, images, -torch.inf).amax(dim=(1, 2, 3), keepdim=True)
     return ((images - low) / (high - low).clamp(min=eps)) * valid
+
+
+# EfficientSAM's official pipeline stretches each image to the square input (aspect ratio not kept) and
+# rescales its prompts per axis; these move the toolkit's padded frame into that geometry and back.
+OUTSIDE_LOGIT = -1e4  # the padding of an un-stretched prediction: certainly background
+
+
+def stretch_to_square(images: Tensor, valid_hw: Optional[Tensor]) -> Tensor:
+    """B x 3 x S x S images whose top-left valid_hw holds the image -> each valid area resized (bilinear)
+    to the whole S x S frame; unchanged when valid_hw is None."""
+    if valid_hw is None:
+        return images
+    size = images.shape[-2:]
+    return torch.cat([F.interpolate(images[b:b + 1, :, :int(h), :int(w)], size=size, mode="bilinear",
+                                    align_corners=False) for b, (h, w) in enumerate(valid_hw.tolist())])
+
+
+def stretch_scale(valid_hw: Tensor, size: int) -> Tensor:
+    """B x 2 (x, y) factors that map pixels of the valid area to pixels of the stretched S x S frame."""
+    return size / valid_hw.flip(-1).to(torch.float32)
+
+
+def unstretch(logits: Tensor, valid_hw: Optional[Tensor], size: int) -> Tensor:
+    """B x C x s x s logits in the stretched frame -> the same in the padded frame (valid area top-left at its
+    own aspect ratio, OUTSIDE_LOGIT elsewhere); `size` is the model input S the valid_hw refers to."""
+    if valid_hw is None:
+        return logits
+    frame = logits.shape[-1]
+    out = torch.full_like(logits, OUTSIDE_LOGIT)
+    for b, (h, w) in enumerate(valid_hw.tolist()):
+        height, width = max(1, round(h * frame / size)), max(1, round(w * frame / size))
+        out[b, :, :height, :width] = F.interpolate(logits[b:b + 1], size=(height, width), mode="bilinear",
+                                                   align_corners=False)[0]
+    return out

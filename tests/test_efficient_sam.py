@@ -256,3 +256,35 @@ def test_gradients_reach_every_trainable_part() -> None:
     for part in ("image_encoder.pos_embed", "image_encoder.blocks.1.attn.qkv.weight",
                  "prompt_encoder.point_embeddings.weight", "mask_decoder.iou_prediction_head.fc.weight"):
         assert model.get_parameter(part).grad is not None, part
+
+
+# ----------------------------------------------------------------------------- official geometry: stretched
+def test_padded_input_follows_the_official_stretch_and_maps_back() -> None:
+    """EfficientSAM's official pipeline resizes the image to the square input without keeping the aspect
+    ratio and rescales prompts per axis (x * S / W, y * S / H); the toolkit's padded frame must give the same
+    encoder input and, mapped back, the same logits."""
+    torch.manual_seed(0)
+    size, height, width = 64, 40, 64  # a 40 x 64 image zero-padded at the bottom of the 64 x 64 frame
+    model = build_segmenter("efficient_sam", "vit_t", size, 1, embed_dim=32, num_heads=2, depth=2).eval()
+    image = torch.rand(1, 3, height, width) * 255
+    padded = F.pad(image, (0, 0, 0, size - height))
+    valid_hw = torch.tensor([[height, width]])
+    click = torch.tensor([[[[30.0, 20.0]]]])
+    seen = {}
+    model.image_encoder.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        logits, iou = model(padded, Prompts(points=click, point_labels=torch.ones(1, 1, 1)), valid_hw=valid_hw)
+        # the official way, written out: stretch, normalise, prompts scaled per axis, decode in that frame
+        stretched = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False) / 255
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        expected_input = (stretched - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        torch.testing.assert_close(seen["x"], expected_input, atol=1e-5, rtol=0)
+        scaled = click * torch.tensor([size / width, size / height])
+        official, official_iou = model.decode(model.image_encoder(expected_input),
+                                              Prompts(points=scaled, point_labels=torch.ones(1, 1, 1)))
+    frame = logits.shape[-1]
+    rows = round(height * frame / size)
+    back = F.interpolate(official, size=(rows, frame), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(logits[..., :rows, :], back, atol=1e-4, rtol=0)
+    assert torch.all(logits[..., rows:, :] < -1e3)  # the padding is background
+    torch.testing.assert_close(iou, official_iou)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..preprocess import standardise
+from ..preprocess import standardise, stretch_scale, stretch_to_square, unstretch
 from ..registry import register_net
 from ..segmenter import PromptableSegmenter, Prompts
 from .decoder import EfficientSamMaskDecoder
@@ -41,9 +41,26 @@ class EfficientSamSegmenter(PromptableSegmenter):
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
     def encode(self, images: Tensor, valid_hw: Optional[Tensor] = None) -> Tensor:
-        """0..255 images -> /255 -> ImageNet mean/std on the valid area, 0 on the padding -> encoder."""
-        unit = images.to(self.pixel_mean.dtype) / 255.0
-        return self.image_encoder(standardise(unit, valid_hw, self.pixel_mean, self.pixel_std))
+        """0..255 images -> the valid area stretched to S x S (the official pipeline keeps no aspect ratio)
+        -> /255 -> ImageNet mean/std -> encoder."""
+        unit = stretch_to_square(images.to(self.pixel_mean.dtype), valid_hw) / 255.0
+        return self.image_encoder(standardise(unit, None, self.pixel_mean, self.pixel_std))
+
+    def forward(self, images: Optional[Tensor], prompts: Prompts, embeddings: Optional[Tensor] = None,
+                valid_hw: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """As PromptableSegmenter.forward; with valid_hw the prompts are rescaled per axis into the stretched
+        frame and the logits mapped back to the padded frame (valid area top-left, background elsewhere)."""
+        if embeddings is None:
+            embeddings = self.encode(images, valid_hw)
+        if valid_hw is None:
+            return self.decode(embeddings, prompts)
+        scale = stretch_scale(valid_hw.to(embeddings.device), self.image_size)  # B x 2 (x, y)
+        stretched = Prompts(
+            points=None if prompts.points is None else prompts.points * scale[:, None, None, :],
+            point_labels=prompts.point_labels,
+            boxes=None if prompts.boxes is None else prompts.boxes * scale.repeat(1, 2)[:, None, :])
+        logits, iou = self.decode(embeddings, stretched)
+        return unstretch(logits, valid_hw, self.image_size), iou
 
     def decode_queries(self, embeddings: Tensor, prompts: Prompts, multimask: bool) -> tuple[Tensor, Tensor]:
         queries, _, height, width = embeddings.shape
