@@ -2,6 +2,7 @@
 importing the package and checked by size and sha256 before use."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -11,6 +12,14 @@ from common.errors import UserError
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file, read once per process while its size and modification time stay the same (a run
+    start checks the base file in several places: finding it, recording it, comparing it with the run's)."""
+    stat = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
