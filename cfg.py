@@ -127,7 +127,7 @@ class Config:
     # runtime and outputs
     device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"), val_may_change=True)
     workers: int = flag(0, "data-loading worker processes", ALL, val_may_change=True)
-    val_freq: int = flag(1, "validate every N epochs")
+    val_freq: int = flag(1, "validate every N epochs and keep the best weights; 0: never validate, the final weights are tested")
     vis: int = flag(1, "write sample overlays every N epochs (0: never)")
     exp_name: Optional[str] = flag(None, "run name: checkpoint/<exp_name>, figs/<exp_name> (default: derived)")
     ckpt_root: str = flag("checkpoint", "folder of run folders", ALL, val_may_change=True)
@@ -227,12 +227,12 @@ def parse_args(script: str, argv: Optional[Sequence[str]] = None) -> tuple[Confi
 
 def validate(config: Config, given: set[str], script: str) -> None:
     """Reject values and flag combinations that make no sense, with one line naming the flag."""
-    positive = ("image_size", "b", "epochs", "val_freq", "n_points", "synthetic_size", "adalora_init_r",
+    positive = ("image_size", "b", "epochs", "n_points", "synthetic_size", "adalora_init_r",
                 "adalora_target_r", "adalora_delta_t")
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"-{name} must be positive, got {getattr(config, name)}")
-    for name in ("n_neg_points", "workers", "vis", "ckpt_steps", "weight_decay", "adalora_tinit", "adalora_tfinal",
+    for name in ("n_neg_points", "val_freq", "workers", "vis", "ckpt_steps", "weight_decay", "adalora_tinit", "adalora_tfinal",
                  "lora_dropout", "adalora_orth_reg"):
         if getattr(config, name) < 0:
             raise UserError(f"-{name} must not be negative, got {getattr(config, name)}")

@@ -282,7 +282,9 @@ class Trainer:
             self.memory.reset()
             self._train_epoch()
             row = self._epoch_row()
-            if state.epoch % config.val_freq == 0 or state.epoch == config.epochs:
+            if not config.val_freq:
+                self._save_weights("best.safetensors")  # never validated: the final weights are the ones tested
+            elif state.epoch % config.val_freq == 0 or state.epoch == config.epochs:
                 summary = evaluate(self.model, self.val_set, EvalSettings.of(config), self.runtime, self.class_names,
                                    "val")
                 row.update({f"val_{k}": v for k, v in summary.items() if k != "images"})

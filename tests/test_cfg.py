@@ -96,7 +96,7 @@ REJECTED = [
     ("train", ["-b", "0"], "-b "),
     ("train", ["-b", "-2"], "-b "),
     ("train", ["-epochs", "0"], "-epochs"),
-    ("train", ["-val_freq", "0"], "-val_freq"),
+    ("train", ["-val_freq", "-1"], "-val_freq"),
     ("train", ["-n_points", "0"], "-n_points"),
     ("train", ["-synthetic_size", "0"], "-synthetic_size"),
     ("train", ["-mod", "sam_adalora", "-adalora_init_r", "0"], "-adalora_init_r"),

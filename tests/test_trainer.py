@@ -143,3 +143,14 @@ def test_parameter_table_tells_trainable_from_updated(tmp_path, mode):
     header, all_row = table.splitlines()[1], table.splitlines()[-1]
     assert "updated" in header
     assert all_row.split()[1:3] == [f"{trainable:,}", f"{updated:,}"]
+
+
+# ----------------------------------------------------------------------------- -val_freq 0
+def test_val_freq_zero_never_validates_and_keeps_the_final_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(tmp_path, "sam_lora", epochs=2, val_freq=0)
+    history = trainer.fit()
+    assert not any(key.startswith("val_") for row in history for key in row)
+    best, last = load_file(tmp_path / "run" / "best.safetensors"), load_file(tmp_path / "run" / "last.safetensors")
+    assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)
