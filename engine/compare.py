@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cfg import VAL, ZERO_SHOT, Config, parse_args  # noqa: E402
 from models.modes import get_mode, mode_options  # noqa: E402
+from models.modes.lora import DEFAULT_RANK  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.tables import markdown_table  # noqa: E402
 
@@ -198,9 +199,9 @@ def read_run(run_dir: Path) -> dict:
 
 
 def variant_of(config: dict) -> Variant:
-    """The variant a saved run config describes (its decoder setting, rank and training-set size)."""
+    """The variant a saved run config describes (its decoder setting, rank in effect and training-set size)."""
     options = get_mode(config["mod"]).options
-    rank = config.get("mid_dim") if "mid_dim" in options else config.get("adalora_target_r")
+    rank = config.get("mid_dim") or DEFAULT_RANK if "mid_dim" in options else config.get("adalora_target_r")
     return Variant(config["mod"], config.get("decoder") if "decoder" in options else None,
                    rank if has_lora_rank(config["mod"]) else None, config.get("max_train"))
 

@@ -38,6 +38,9 @@ def test_sweeps_expand_only_where_they_apply():
     # a saved run config maps back to the variant that made it
     config, _ = parse_args("train", train_argv({}, Variant("sam_adalora", "lora", 2, 16), 0, "x"))
     assert variant_of(config.to_json()) == Variant("sam_adalora", "lora", 2, 16)
+    # without -mid_dim the row carries the rank in effect, so it joins a rank sweep's curve
+    config, _ = parse_args("train", train_argv({}, Variant("sam_lora", "lora"), 0, "x"))
+    assert variant_of(config.to_json()) == Variant("sam_lora", "lora", 4)
 
 
 def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
@@ -65,7 +68,7 @@ def test_compare_trains_tabulates_and_resumes(tmp_path):
     out = tmp_path / "figs" / "compare_t"
     with open(out / "table.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["label"] for row in rows] == ["zero_shot", "sam_decoder", "sam_lora dec-full"]
+    assert [row["label"] for row in rows] == ["zero_shot", "sam_decoder", "sam_lora dec-full r4"]
     assert int(rows[0]["trainable_params"]) == 0 < int(rows[1]["trainable_params"]) < int(rows[2]["trainable_params"])
     assert all(float(row["ckpt_mb"]) > 0 for row in rows[1:])
     # each trained row's Dice is the one its run folder's final_metrics.json reports (one seed: no averaging)
