@@ -153,8 +153,8 @@ class Config:
     mods: str = flag(",".join(m for m in MODES if get_mode(m).compared_by_default), "comma-separated modes",
                      (COMPARE, BENCH))
     seeds: str = flag("0", "comma-separated seeds", (COMPARE,))
-    runs: Optional[str] = flag(None, "comma-separated existing run folders to tabulate instead of training",
-                               (COMPARE,))
+    runs: Optional[str] = flag(None, "comma-separated finished run folders (or quoted shell patterns) to "
+                               "tabulate instead of training", (COMPARE,))
     decoders: Optional[str] = flag(None, "comma-separated -decoder settings to run each PEFT mode with "
                                    "(e.g. full,lora; default: -decoder)", (COMPARE, BENCH))
     ranks: Optional[str] = flag(None, "comma-separated LoRA ranks to run the LoRA-family modes at (e.g. 1,2,4,8,16; "

@@ -4,7 +4,7 @@
         -epochs 3 -exp_name isic_modes
     python compare.py -net lite_medsam -dataset isic -data_path DATA -mods sam_lora,sam_adalora -decoders full,lora \
         -ranks 1,4,16 -train_sizes 16,64,256 -exp_name sweep            (decoder, rank and data-size sweeps)
-    python compare.py -runs checkpoint/a,checkpoint/b -exp_name mine     (tabulate finished runs)
+    python compare.py -runs checkpoint/a,'checkpoint/sweep_*' -exp_name mine   (tabulate finished runs)
 
 Writes figs/compare_<exp_name>/{table.md,table.csv,curves.png,tradeoff.png}; the first row is always the
 base net evaluated zero-shot on the same split and prompts; finished modes are not trained again, killed
@@ -21,11 +21,11 @@ def main(argv=None) -> None:
     config, given = parse_args("compare", argv)  # before the heavy imports
 
     from common.errors import UserError
-    from engine.compare import read_run, train_runs, variants, write_outputs, zero_shot_run
+    from engine.compare import expand_runs, read_run, train_runs, variants, write_outputs, zero_shot_run
 
     name = config.exp_name or f"{config.net}_{config.dataset}"
     if config.runs:
-        folders = [Path(folder) for folder in config.runs.split(",")]
+        folders = expand_runs(config.runs)
     else:
         modes = parse_modes(config.mods)
         seeds = [int(seed) for seed in config.seeds.split(",")]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import json
 import shutil
 import statistics
@@ -147,6 +148,20 @@ def zero_shot_run(given: dict, name: str, ckpt_root: str, overwrite: bool = Fals
     if subprocess.run(command).returncode != 0:
         raise UserError(f"the zero-shot evaluation {run_dir.name} failed (see its output above)")
     return run_dir
+
+
+def expand_runs(spec: str) -> list[Path]:
+    """-runs: comma-separated run folders or shell patterns (each pattern's matches sorted, zero-shot first)."""
+    folders: list[Path] = []
+    for item in spec.split(","):
+        if not any(char in item for char in "*?["):
+            folders.append(Path(item))
+            continue
+        matches = sorted(Path(path) for path in glob.glob(item) if Path(path).is_dir())
+        if not matches:
+            raise UserError(f"-runs: {item} matches no folder")
+        folders += sorted(matches, key=lambda path: not path.name.endswith(ZERO_SHOT))
+    return list(dict.fromkeys(folders))
 
 
 def run_is_finished(run_dir: Path) -> bool:

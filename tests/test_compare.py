@@ -12,7 +12,8 @@ import pytest
 
 from cfg import parse_args
 from common.errors import UserError
-from engine.compare import Variant, _reuse_or_clear, applies_to, config_differences, train_argv, variant_of, variants
+from engine.compare import (Variant, _reuse_or_clear, applies_to, config_differences, expand_runs, train_argv,
+                            variant_of, variants)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,3 +102,14 @@ def test_compare_runs_from_any_working_directory(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "compare.py"), "-h"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "usage: compare.py" in result.stdout
+
+
+def test_runs_patterns_expand_sorted_with_the_zero_shot_row_first(tmp_path):
+    for name in ("sweep_sam_lora_r16", "sweep_sam_lora_r1", "sweep_zero_shot", "table_sam_lora"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "sweep_notes.txt").write_text("not a run")
+    assert expand_runs(f"{tmp_path}/sweep_*,{tmp_path}/table_sam_lora,{tmp_path}/sweep_zero_shot") == [
+        tmp_path / "sweep_zero_shot", tmp_path / "sweep_sam_lora_r1", tmp_path / "sweep_sam_lora_r16",
+        tmp_path / "table_sam_lora"]
+    with pytest.raises(UserError, match="-runs: .*nothing_\\*"):
+        expand_runs(f"{tmp_path}/nothing_*")
