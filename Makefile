@@ -31,12 +31,12 @@ isic2017: $(STAMP)
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click $(ISIC_MODS) -exp_name isic_click
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt box $(ISIC_MODS) -exp_name isic_box
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_lora -decoders lora -ranks 1,16 -exp_name isic_click_ranks
-	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_lora,sam_adpt,sam_full -decoders lora -train_sizes 16,32 \
+	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_lora,sam_full -decoders lora -train_sizes 16,32 \
 		-exp_name isic_click_train_sizes
 	# the sweeps' figures also take the table's runs (rank 4, 64 training images)
 	$(PYTHON) compare.py -exp_name isic_click_ranks -runs '$(C)_ranks_*,$(C)_sam_lora_dec-lora_seed0'
 	$(PYTHON) compare.py -exp_name isic_click_train_sizes \
-		-runs '$(C)_train_sizes_*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_adpt_dec-lora_seed0,$(C)_sam_full_seed0'
+		-runs '$(C)_train_sizes_*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0'
 	for name in isic_click isic_box isic_click_ranks isic_click_train_sizes; do \
 		for figure in figs/compare_$$name/*.png figs/compare_$$name/table.*; do \
 			cp $$figure figs/readme/$${name}_$$(basename $$figure); done; done
