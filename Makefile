@@ -2,8 +2,8 @@
 #   make demo   adapt the pretrained LiteMedSAM with LoRA to click prompts on the built-in synthetic set:
 #               zero-shot Dice first, then the adapted Dice on the same test split (compare.py)
 #   make test   the whole test suite (what .ci/run runs)
-#   make isic2017   the README's ISIC-2017 comparison from the pretrained LiteMedSAM (about 2.5 hours on
-#               2 CPU cores): box and click tables, the LoRA-rank and training-size sweeps, figures
+#   make isic2017   the README's ISIC-2017 comparison from the pretrained LiteMedSAM, box and click tables
+#               (about 2 hours on 2 CPU cores); make isic2017-sweeps adds the LoRA-rank and training-size sweeps
 PYTHON ?= python3
 export NO_ALBUMENTATIONS_UPDATE = 1
 STAMP := .install-stamp
@@ -25,23 +25,26 @@ demo: $(STAMP)
 ISIC ?= ../shared/data/isic2017
 ISIC_FLAGS := -net lite_medsam -dataset isic -data_path $(ISIC) -max_train 64 -max_eval 100 -epochs 2 -b 4 -lr 5e-4 \
 	-val_freq 0 -vis 0
-ISIC_MODS := -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_dora,sam_full -decoders full,lora
 C := checkpoint/isic_click
 isic2017: $(STAMP)
-	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click $(ISIC_MODS) -exp_name isic_click
-	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt box $(ISIC_MODS) -exp_name isic_box
+	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_dora,sam_full \
+		-decoders full,lora -exp_name isic_click
+	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt box -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_full \
+		-decoders full,lora -exp_name isic_box
+	for name in isic_click isic_box; do for file in figs/compare_$$name/tradeoff.png figs/compare_$$name/table.*; do \
+		cp $$file figs/readme/$${name}_$$(basename $$file); done; done
+
+# the LoRA-rank and training-size sweeps (click prompts); their figures also take the table's runs
+isic2017-sweeps: isic2017
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_lora -decoders lora -ranks 1,16 -exp_name isic_click_ranks
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_lora,sam_full -decoders lora -train_sizes 16,32 \
 		-exp_name isic_click_train_sizes
-	# the sweeps' figures also take the table's runs (rank 4, 64 training images)
 	$(PYTHON) compare.py -exp_name isic_click_ranks -runs '$(C)_ranks_*,$(C)_sam_lora_dec-lora_seed0'
-	$(PYTHON) compare.py -exp_name isic_click_train_sizes \
-		-runs '$(C)_train_sizes_*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0'
-	for name in isic_click isic_box isic_click_ranks isic_click_train_sizes; do \
-		for figure in figs/compare_$$name/*.png figs/compare_$$name/table.*; do \
-			cp $$figure figs/readme/$${name}_$$(basename $$figure); done; done
+	$(PYTHON) compare.py -exp_name isic_click_train_sizes -runs '$(C)_train_sizes_*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0'
+	for name in isic_click_ranks isic_click_train_sizes; do for file in figs/compare_$$name/*.png; do \
+		cp $$file figs/readme/$${name}_$$(basename $$file); done; done
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-.PHONY: install demo test isic2017
+.PHONY: install demo test isic2017 isic2017-sweeps
