@@ -40,9 +40,10 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
             if points:
                 ax.plot(*zip(*points), marker="o", label=key.removeprefix(f"val_{metric}_"),
                         linewidth=2.5 if key.endswith("_mean") else 1.2)
-        ax.set_title(f"val {metric}")
+        ax.set_title(f"val {metric}" if keys else f"val {metric} (-val_freq 0: not validated)")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
+        if keys:
+            ax.legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
