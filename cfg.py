@@ -127,7 +127,8 @@ class Config:
     # runtime and outputs
     device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"), val_may_change=True)
     workers: int = flag(0, "data-loading worker processes", ALL, val_may_change=True)
-    val_freq: int = flag(1, "validate every N epochs and keep the best weights; 0: never validate, the final weights are tested")
+    val_freq: int = flag(1, "validate every N epochs and keep the best weights; 0: never validate, the final "
+                              "weights are tested")
     vis: int = flag(1, "write sample overlays every N epochs (0: never)")
     exp_name: Optional[str] = flag(None, "run name: checkpoint/<exp_name>, figs/<exp_name> (default: derived)")
     ckpt_root: str = flag("checkpoint", "folder of run folders", ALL, val_may_change=True)
@@ -232,8 +233,8 @@ def validate(config: Config, given: set[str], script: str) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"-{name} must be positive, got {getattr(config, name)}")
-    for name in ("n_neg_points", "val_freq", "workers", "vis", "ckpt_steps", "weight_decay", "adalora_tinit", "adalora_tfinal",
-                 "lora_dropout", "adalora_orth_reg"):
+    for name in ("n_neg_points", "val_freq", "workers", "vis", "ckpt_steps", "weight_decay", "adalora_tinit",
+                 "adalora_tfinal", "lora_dropout", "adalora_orth_reg"):
         if getattr(config, name) < 0:
             raise UserError(f"-{name} must not be negative, got {getattr(config, name)}")
     if config.lora_dropout >= 1:

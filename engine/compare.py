@@ -216,7 +216,7 @@ def read_run(run_dir: Path) -> dict:
 def variant_of(config: dict) -> Variant:
     """The variant a saved run config describes (its decoder setting, rank in effect and training-set size)."""
     options = get_mode(config["mod"]).options
-    rank = config.get("mid_dim") or DEFAULT_RANK if "mid_dim" in options else config.get("adalora_target_r")
+    rank = (config.get("mid_dim") or DEFAULT_RANK) if "mid_dim" in options else config.get("adalora_target_r")
     return Variant(config["mod"], config.get("decoder") if "decoder" in options else None,
                    rank if has_lora_rank(config["mod"]) else None, config.get("max_train"))
 
