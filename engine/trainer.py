@@ -282,8 +282,9 @@ class Trainer:
             self.memory.reset()
             self._train_epoch()
             row = self._epoch_row()
-            if not config.val_freq:
-                self._save_weights("best.safetensors")  # never validated: the final weights are the ones tested
+            if not config.val_freq:  # never validated: the final weights are the ones tested
+                if state.epoch == config.epochs:
+                    self._save_weights("best.safetensors")
             elif state.epoch % config.val_freq == 0 or state.epoch == config.epochs:
                 summary = evaluate(self.model, self.val_set, EvalSettings.of(config), self.runtime, self.class_names,
                                    "val")
