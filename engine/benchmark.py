@@ -24,6 +24,7 @@ from models.segmenter import Prompts
 from .amp import resolve_amp
 from .checkpoints import save_weights
 from .loss import PerClassDiceCE
+from .optim import adamw
 from .runtime import PeakMemory, resolve_device, synchronize
 from .session import build_base, build_model
 from .trainer import keep_frozen_batchnorm_in_eval
@@ -124,7 +125,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     model, adaptation = build_model(config, 1, total_steps=steps + warmup + 10, device=device, verbose=False)
     images, masks, prompts = synthetic_batch(config, 1, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = adamw(params, lr=1e-5, weight_decay=1e-2)  # the trainer's optimizer (torch's default decay)
     loss_fn = PerClassDiceCE()
     step_counter = iter(range(1, 10 ** 9))
 

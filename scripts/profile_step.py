@@ -3,7 +3,7 @@
     python scripts/profile_step.py mobile_sam sam_lora 256 1            (net, mode, image size, batch)
     python scripts/profile_step.py mobile_sam sam_lora 256 1 --plain_prefix   (frozen prefix off: before)
 
-The step is benchmark.py's (random base weights, synthetic batch, one click, AdamW, -amp none); two
+The step is benchmark.py's (random base weights, synthetic batch, one click, the trainer's AdamW, -amp none); two
 warm-up steps, then two profiled steps.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
     from cfg import Config
     from engine.benchmark import synthetic_batch
     from engine.loss import PerClassDiceCE
+    from engine.optim import adamw
     from engine.session import build_model
     from engine.trainer import keep_frozen_batchnorm_in_eval
     from models.registry import resolve_encoder
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
     device = torch.device("cpu")
     model, adaptation = build_model(config, 1, total_steps=100, device=device, verbose=False)
     images, masks, prompts = synthetic_batch(config, 1, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=1e-2)
     loss_fn = PerClassDiceCE()
     model.train()
     keep_frozen_batchnorm_in_eval(model)

@@ -1,0 +1,29 @@
+"""The trainer's optimizer: fused AdamW where torch has the kernel, stepping like the per-tensor loop."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.optim import adamw
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_loop():
+    torch.manual_seed(0)
+    fused_params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+    loop_params = [nn.Parameter(p.detach().clone()) for p in fused_params]
+    fused = adamw(fused_params, lr=1e-2, weight_decay=1e-2)
+    loop = torch.optim.AdamW(loop_params, lr=1e-2, weight_decay=1e-2, foreach=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(5):
+        for p, q in zip(fused_params, loop_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(fused_params, loop_params):
+        assert not torch.equal(p, torch.zeros_like(p))
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_adamw_falls_back_to_the_loop_where_no_fused_kernel_exists():
+    assert not adamw([nn.Parameter(torch.zeros(2, device="meta"))], lr=1e-3, weight_decay=0.0).defaults["fused"]
