@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .saved_tensors import without_recipes
+
 
 def enable_activation_checkpointing(segmenter: nn.Module) -> int:
     """Recompute each encoder block's activations in backward instead of storing them; returns the count.
@@ -38,10 +40,16 @@ def _keep_batchnorm_statistics(norms: list[nn.Module]):
                     buffer.copy_(value)
 
 
+@contextlib.contextmanager
+def _recomputation(norms: list[nn.Module]):
+    with without_recipes(), _keep_batchnorm_statistics(norms):
+        yield
+
+
 def _checkpointed(block: nn.Module, forward):
     def contexts():
         norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-        return contextlib.nullcontext(), _keep_batchnorm_statistics(norms)
+        return without_recipes(), _recomputation(norms)
 
     def run(*args, **kwargs):
         if block.training and torch.is_grad_enabled():

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
+from .saved_tensors import saved_as_recipe
+
 
 class Conv2dBN(nn.Module):
     """Conv2d without bias (`c`) followed by BatchNorm2d (`bn`).
@@ -123,17 +125,22 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(windows x ws*ws x C) -> same shape."""
         windows, tokens, dim = x.shape
-        qkv = self.qkv(self.norm(x)).view(windows, tokens, self.num_heads, 3 * self.head_dim)
+        normed = self.norm(x)
+        with saved_as_recipe(normed, lambda: self.norm(x)):
+            qkv = self.qkv(normed).view(windows, tokens, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=-1)
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
         if q.dtype == torch.float32 or q.device.type != "cpu":
             bias = bias[None]  # 4-D: the fused kernel (class docstring)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(x.transpose(1, 2).reshape(windows, tokens, dim))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        merged = attended.transpose(1, 2).reshape(windows, tokens, dim)
+        with saved_as_recipe(merged, lambda: attended.transpose(1, 2).reshape(windows, tokens, dim)):
+            return self.proj(merged)
 
 
 class Mlp(nn.Module):
-    """LayerNorm -> fc1 -> GELU -> fc2."""
+    """LayerNorm -> fc1 -> GELU -> fc2. The normed input and the GELU output, which fc1 / fc2 (or their
+    LoRA branches) save for backward, are recomputed from what LayerNorm and GELU save (saved_tensors)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -143,7 +150,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        normed = self.norm(x)
+        with saved_as_recipe(normed, lambda: self.norm(x)):
+            hidden = self.fc1(normed)
+        activated = self.act(hidden)
+        with saved_as_recipe(activated, lambda: self.act(hidden)):
+            return self.fc2(activated)
 
 
 class TinyViTBlock(nn.Module):

@@ -1,13 +1,19 @@
-"""TinyViT's faster paths give the plain computation's numbers: BatchNorm folded into its convolution,
-and window attention on torch's fused kernel."""
+"""TinyViT's faster, leaner paths give the plain computation's numbers: BatchNorm folded into its
+convolution, window attention on torch's fused kernel, activations stored as recipes (saved_tensors)."""
 from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
 from torch.profiler import profile
 
-from models.tiny_vit import Conv2dBN, WindowAttention
+from models.saved_tensors import without_recipes
+from models.tiny_vit import Conv2dBN, Mlp, WindowAttention
 
 
 def randomised_conv_bn(groups: int = 1) -> Conv2dBN:
@@ -106,3 +112,38 @@ def test_window_attention_in_bf16_on_cpu_keeps_the_math_kernel_and_the_numbers()
     kernels = {event.key for event in trace.key_averages()}
     assert "aten::_scaled_dot_product_attention_math" in kernels
     torch.testing.assert_close(out.float(), attention_reference(attention, x), rtol=0.05, atol=0.05)
+
+
+def lora_mlp() -> tuple[Mlp, torch.Tensor]:
+    """A frozen TinyViT MLP with LoRA on fc1 and fc2, as -mod sam_lora builds it, and an input needing grad."""
+    torch.manual_seed(0)
+    mlp = inject_adapter_in_model(LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False), Mlp(16, 64))
+    return mlp, torch.randn(3, 5, 16, requires_grad=True)
+
+
+def test_saved_recipes_give_the_same_output_and_gradients_as_saving_the_tensors():
+    mlp, x = lora_mlp()
+    results = []
+    for context in (contextlib.nullcontext, without_recipes):
+        x.grad = None
+        mlp.zero_grad()
+        with context():
+            out = mlp(x)
+        out.square().sum().backward()
+        trained = [p.grad.clone() for p in mlp.parameters() if p.requires_grad]
+        results.append([out.detach(), x.grad.clone()] + trained)
+    assert len(results[0]) == 2 + 4  # output, input gradient, two LoRA pairs
+    for value, reference in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipes", [True, False])
+def test_the_gelu_output_is_not_kept_for_backward_when_stored_as_a_recipe(recipes):
+    mlp, x = lora_mlp()
+    kept = []
+    mlp.act.register_forward_hook(lambda module, args, out: kept.append(weakref.ref(out)))
+    with contextlib.nullcontext() if recipes else without_recipes():
+        out = mlp(x)
+    gc.collect()
+    assert (kept[0]() is None) == recipes  # stored as a recipe, the 4*dim activation is freed after forward
+    out.sum().backward()

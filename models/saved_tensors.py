@@ -1,0 +1,57 @@
+"""Keep less for backward: a tensor that backward needs but that is a cheap function of a tensor autograd
+keeps anyway is stored as that recipe and recomputed when backward asks for it.
+
+Example: the MLP's fc2 (or its LoRA branch) saves its input gelu(h), while GELU already saves h; storing
+`gelu(h)` as "recompute from h" frees one 4*dim activation per token for the cost of one GELU in backward.
+Activation checkpointing recomputes whole blocks itself, so it switches this off inside them.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+_ACTIVE = contextvars.ContextVar("saved_tensor_recipes", default=True)
+
+
+@contextlib.contextmanager
+def saved_as_recipe(tensor: Tensor, recompute: Callable[[], Tensor]) -> Iterator[None]:
+    """Inside the block, anything autograd saves that is (a view of) `tensor` keeps `recompute` instead.
+
+    `recompute()` must rebuild `tensor`'s values from tensors autograd saves anyway (it runs without
+    gradient in backward). Off when gradients are off, while compiling, inside activation checkpointing,
+    and for a non-contiguous `tensor`.
+    """
+    if (not _ACTIVE.get() or not torch.is_grad_enabled() or not tensor.requires_grad
+            or not tensor.is_contiguous() or torch.compiler.is_compiling()):
+        yield
+        return
+    storage, dtype = tensor.untyped_storage().data_ptr(), tensor.dtype  # the hooks must not hold `tensor`
+
+    def pack(saved: Tensor):
+        if saved.untyped_storage().data_ptr() != storage or saved.dtype != dtype:
+            return saved
+        return saved.shape, saved.stride(), saved.storage_offset()
+
+    def unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        shape, stride, offset = packed
+        with torch.no_grad():
+            return recompute().as_strided(shape, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+@contextlib.contextmanager
+def without_recipes() -> Iterator[None]:
+    """Save tensors as they are (activation checkpointing stores and recomputes on its own)."""
+    token = _ACTIVE.set(False)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
