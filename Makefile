@@ -29,7 +29,7 @@ C := checkpoint/isic_click
 isic2017: $(STAMP)
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_dora,sam_full \
 		-decoders full,lora -exp_name isic_click
-	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt box -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_full \
+	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt box -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_dora,sam_full \
 		-decoders full,lora -exp_name isic_box
 	for name in isic_click isic_box; do for file in figs/compare_$$name/tradeoff.png figs/compare_$$name/table.*; do \
 		cp $$file figs/readme/$${name}_$$(basename $$file); done; done
