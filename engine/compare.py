@@ -350,8 +350,16 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def label_offsets(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """Label offsets (points) that cycle through three heights in Dice order, so rows with nearly equal
+    Dice, which often sit at nearly equal cost too, do not print their labels on top of each other."""
+    ordered = sorted(rows, key=lambda row: row["dice_mean"], reverse=True)
+    return {row["label"]: (5, 5 - 11 * (rank % 3)) for rank, row in enumerate(ordered)}
+
+
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    offsets = label_offsets([row for row in rows if row["mode"] != ZERO_SHOT])
     for ax, key, label in ((axes[0], "trainable_params", "trainable parameters (log)"),
                            (axes[1], "peak_mem_mb", "peak memory (MB)")):
         for row in rows:
@@ -359,8 +367,8 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
                 ax.axhline(row["dice_mean"], color="grey", linestyle="--", label="zero-shot base")
                 continue
             ax.scatter(row[key], row["dice_mean"], s=60)
-            ax.annotate(row["label"], (row[key], row["dice_mean"]), textcoords="offset points", xytext=(5, 5),
-                        fontsize=8)
+            ax.annotate(row["label"], (row[key], row["dice_mean"]), textcoords="offset points",
+                        xytext=offsets[row["label"]], fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{rows[0]['split']} mean Dice")
         ax.grid(alpha=0.3)

@@ -12,8 +12,8 @@ import pytest
 
 from cfg import parse_args
 from common.errors import UserError
-from engine.compare import (Variant, _reuse_or_clear, applies_to, config_differences, expand_runs, train_argv,
-                            variant_of, variants)
+from engine.compare import (Variant, _reuse_or_clear, applies_to, config_differences, expand_runs, label_offsets,
+                            train_argv, variant_of, variants)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,3 +113,11 @@ def test_runs_patterns_expand_sorted_with_the_zero_shot_row_first(tmp_path):
         tmp_path / "table_sam_lora"]
     with pytest.raises(UserError, match="-runs: .*nothing_\\*"):
         expand_runs(f"{tmp_path}/nothing_*")
+
+
+def test_tradeoff_labels_of_rows_with_nearly_equal_dice_get_different_heights():
+    rows = [{"label": name, "dice_mean": dice} for name, dice in
+            (("decoder", 0.8973), ("dora", 0.8973), ("adalora", 0.8974), ("full", 0.8907))]
+    offsets = label_offsets(rows)
+    assert len({offsets[name] for name in ("decoder", "dora", "adalora")}) == 3
+    assert offsets["adalora"] == (5, 5)  # the best row keeps the default place
