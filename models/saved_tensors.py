@@ -47,6 +47,18 @@ def saved_as_recipe(tensor: Tensor, recompute: Callable[[], Tensor]) -> Iterator
         yield
 
 
+def cast_for_matmul(tensor: Tensor) -> Tensor:
+    """`tensor` in the dtype autocast gives a matmul's inputs (itself when autocast is off).
+
+    Casting once, before a linear and its LoRA branch, means both share one low-precision copy, which
+    `saved_as_recipe` can then cover; left to autocast, the branch would save a cast of its own.
+    """
+    device = tensor.device.type
+    if not torch.is_autocast_enabled(device) or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(torch.get_autocast_dtype(device))
+
+
 @contextlib.contextmanager
 def without_recipes() -> Iterator[None]:
     """Save tensors as they are (activation checkpointing stores and recomputes on its own)."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
-from .saved_tensors import saved_as_recipe
+from .saved_tensors import cast_for_matmul, saved_as_recipe
 
 
 class Conv2dBN(nn.Module):
@@ -125,8 +125,9 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(windows x ws*ws x C) -> same shape."""
         windows, tokens, dim = x.shape
-        normed = self.norm(x)
-        with saved_as_recipe(normed, lambda: self.norm(x)):
+        normed = cast_for_matmul(self.norm(x))
+        dtype = normed.dtype  # the recipe must not hold `normed` itself
+        with saved_as_recipe(normed, lambda: self.norm(x).to(dtype)):
             qkv = self.qkv(normed).view(windows, tokens, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=-1)
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
@@ -139,8 +140,9 @@ class WindowAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """LayerNorm -> fc1 -> GELU -> fc2. The normed input and the GELU output, which fc1 / fc2 (or their
-    LoRA branches) save for backward, are recomputed from what LayerNorm and GELU save (saved_tensors)."""
+    """LayerNorm -> fc1 -> GELU -> fc2. The normed input (cast once for autocast) and the GELU output, which
+    fc1 / fc2 (or their LoRA branches) save for backward, are recomputed from what LayerNorm and GELU save
+    (saved_tensors)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -150,8 +152,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = self.norm(x)
-        with saved_as_recipe(normed, lambda: self.norm(x)):
+        normed = cast_for_matmul(self.norm(x))
+        dtype = normed.dtype  # the recipe must not hold `normed` itself
+        with saved_as_recipe(normed, lambda: self.norm(x).to(dtype)):
             hidden = self.fc1(normed)
         activated = self.act(hidden)
         with saved_as_recipe(activated, lambda: self.act(hidden)):

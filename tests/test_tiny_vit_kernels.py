@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch.profiler import profile
 
+from models.modes.adaptation import take_autocast_inputs_as_given
 from models.saved_tensors import without_recipes
 from models.tiny_vit import Conv2dBN, Mlp, WindowAttention
 
@@ -147,3 +148,23 @@ def test_the_gelu_output_is_not_kept_for_backward_when_stored_as_a_recipe(recipe
     gc.collect()
     assert (kept[0]() is None) == recipes  # stored as a recipe, the 4*dim activation is freed after forward
     out.sum().backward()
+
+
+def test_under_bf16_autocast_the_normed_input_is_cast_once_and_kept_as_a_recipe():
+    mlp, x = lora_mlp()
+    take_autocast_inputs_as_given(mlp)
+    branch_inputs, results = [], []
+    mlp.fc1.lora_A["default"].register_forward_hook(lambda module, args, out: branch_inputs.append(args[0]))
+    for context in (contextlib.nullcontext, without_recipes):
+        x.grad = None
+        mlp.zero_grad()
+        with context(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mlp(x)
+        assert branch_inputs[0].dtype == torch.bfloat16  # cast before the linear, not inside the branch
+        cast = weakref.ref(branch_inputs.pop())
+        gc.collect()
+        assert (cast() is None) == (context is contextlib.nullcontext)  # the LoRA branch kept no copy of its own
+        out.float().square().sum().backward()
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in mlp.parameters() if p.requires_grad])
+    for value, reference in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)

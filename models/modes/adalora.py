@@ -13,7 +13,7 @@ from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from torch import Tensor, nn
 
-from .adaptation import Adaptation, freeze_all_but_decoder
+from .adaptation import Adaptation, freeze_all_but_decoder, take_autocast_inputs_as_given
 
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
@@ -87,7 +87,7 @@ def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optiona
                                    lora_alpha=lora_alpha or adalora_init_r, lora_dropout=lora_dropout,
                                    target_modules=segmenter.adapt_targets.linears,
                                    **adalora_schedule(total_steps, adalora_tinit, adalora_tfinal, adalora_delta_t))
-    tuner = AdaLoraModel(segmenter.image_encoder, adalora_config, "default")
+    tuner = take_autocast_inputs_as_given(AdaLoraModel(segmenter.image_encoder, adalora_config, "default"))
     adaptation = AdaLoraAdaptation(tuner, adalora_orth_reg)
     adaptation.decoder_tuner = decoder_tuner
     return adaptation

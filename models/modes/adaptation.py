@@ -52,11 +52,22 @@ def freeze_all_but_decoder(segmenter: nn.Module, decoder: str = "full",
         segmenter.mask_decoder.requires_grad_(True)
     if decoder != "lora":
         return None
-    from peft import LoraConfig
     from peft.tuners.lora import LoraModel
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=segmenter.mask_decoder.lora_targets)
-    return LoraModel(segmenter.mask_decoder, config, "default")
+    from .fused_lora import fused_lora_config
+
+    config = fused_lora_config(r=rank, lora_alpha=rank, target_modules=segmenter.mask_decoder.lora_targets)
+    return take_autocast_inputs_as_given(LoraModel(segmenter.mask_decoder, config, "default"))
+
+
+def take_autocast_inputs_as_given(tuner: nn.Module) -> nn.Module:
+    """Let the tuner's peft layers pass an input already cast for autocast (`saved_tensors.cast_for_matmul`)
+    to their branch as it is. peft would cast it back up to the adapter's float32, autocast then down again,
+    and the branch would save that second copy for backward instead of sharing the one the recipe covers."""
+    for module in tuner.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    return tuner
 
 
 PARTS = ("encoder adapters", "encoder base", "decoder adapters", "mask decoder", "other")

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from .adaptation import Adaptation, freeze_all_but_decoder
+from .adaptation import Adaptation, freeze_all_but_decoder, take_autocast_inputs_as_given
+from .fused_lora import fused_lora_config
 
 DEFAULT_RANK = 4
 
@@ -24,9 +24,9 @@ def _apply(segmenter: nn.Module, use_dora: bool, mid_dim: Optional[int], lora_al
            lora_dropout: float, lora_conv: bool, decoder: str) -> Adaptation:
     rank = mid_dim or DEFAULT_RANK
     decoder_tuner = freeze_all_but_decoder(segmenter, decoder, rank)
-    lora_config = LoraConfig(r=rank, lora_alpha=lora_alpha or rank, lora_dropout=lora_dropout,
-                             target_modules=lora_target_regex(segmenter, lora_conv), use_dora=use_dora)
-    tuner = LoraModel(segmenter.image_encoder, lora_config, "default")
+    lora_config = fused_lora_config(r=rank, lora_alpha=lora_alpha or rank, lora_dropout=lora_dropout,
+                                     target_modules=lora_target_regex(segmenter, lora_conv), use_dora=use_dora)
+    tuner = take_autocast_inputs_as_given(LoraModel(segmenter.image_encoder, lora_config, "default"))
     return Adaptation("sam_dora" if use_dora else "sam_lora", tuner=tuner, decoder_tuner=decoder_tuner)
 
 

@@ -1,0 +1,91 @@
+"""FusedLoraLinear gives peft's LoRA numbers, gradients, state dict and merge, and leaves the cases it
+does not fuse (dropout, DoRA, disabled adapters) to peft's own forward."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from models.modes.fused_lora import FusedLoraLinear, fused_lora_config
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12))
+
+
+def adapted(fused: bool, **options) -> nn.Module:
+    options = dict(r=3, lora_alpha=6, target_modules=["0", "2"], init_lora_weights=False, **options)
+    config = fused_lora_config(**options) if fused else LoraConfig(**options)
+    torch.manual_seed(1)
+    return inject_adapter_in_model(config, mlp())
+
+
+def step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.square().sum().backward()
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def test_fused_layer_gives_peft_output_and_gradients():
+    x = torch.randn(2, 7, 12)
+    fused, plain = adapted(True), adapted(False)
+    assert isinstance(fused[0], FusedLoraLinear) and type(plain[0]) is LoraLinear
+    results = step(fused, x), step(plain, x)
+    assert len(results[0]) == 2 + 4
+    for value, reference in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+
+
+def full_width_elementwise(model: nn.Module) -> list[str]:
+    """The mul/add calls of one forward and backward over activations (14 tokens x 12 or 20 features), not
+    over the rank-3 products or the adapter weights."""
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        model(x).sum().backward()
+    return [event.name for event in prof.events() if event.name in ("aten::mul", "aten::add", "aten::add_")
+            and math.prod(event.input_shapes[0] or [0]) >= 14 * 12]
+
+
+def test_fused_layer_scales_and_sums_no_full_width_output():
+    fused, plain = full_width_elementwise(adapted(True)), full_width_elementwise(adapted(False))
+    # peft: per layer a scaling and a sum in forward and a scaling in backward; both keep the sums of the
+    # input gradients (base and branch) in backward
+    assert "aten::mul" not in fused and plain.count("aten::mul") == 4
+    assert len(plain) - len(fused) == 6, (plain, fused)
+
+
+@pytest.mark.parametrize("options", [dict(lora_dropout=0.1), dict(use_dora=True)])
+def test_cases_it_does_not_fuse_take_peft_forward(options):
+    x = torch.randn(2, 7, 12)
+    fused, plain = adapted(True, **options), adapted(False, **options)
+    fused.train(False), plain.train(False)
+    assert fused[0]._fusable_adapter((), {}) is None
+    torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_disabled_adapters_and_merging_give_the_base_and_the_merged_output():
+    x = torch.randn(2, 7, 12)
+    model = adapted(True)
+    with_lora = model(x)
+    for layer in (model[0], model[2]):
+        layer.enable_adapters(False)
+    torch.testing.assert_close(model(x), mlp()(x))
+    for layer in (model[0], model[2]):
+        layer.enable_adapters(True)
+        layer.merge()
+    torch.testing.assert_close(model(x), with_lora, rtol=1e-5, atol=1e-6)
+
+
+def test_under_bf16_autocast_the_fused_output_is_bf16_and_close_to_float32():
+    model, x = adapted(True), torch.randn(2, 7, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), model(x), rtol=0.05, atol=0.05)
