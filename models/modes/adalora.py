@@ -14,6 +14,7 @@ from peft.tuners.adalora import AdaLoraModel
 from torch import Tensor, nn
 
 from .adaptation import Adaptation, freeze_all_but_decoder, take_autocast_inputs_as_given
+from .fused_lora import fuse_svd_linears
 
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
@@ -87,7 +88,8 @@ def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optiona
                                    lora_alpha=lora_alpha or adalora_init_r, lora_dropout=lora_dropout,
                                    target_modules=segmenter.adapt_targets.linears,
                                    **adalora_schedule(total_steps, adalora_tinit, adalora_tfinal, adalora_delta_t))
-    tuner = take_autocast_inputs_as_given(AdaLoraModel(segmenter.image_encoder, adalora_config, "default"))
+    tuner = fuse_svd_linears(take_autocast_inputs_as_given(AdaLoraModel(segmenter.image_encoder, adalora_config,
+                                                                        "default")))
     adaptation = AdaLoraAdaptation(tuner, adalora_orth_reg)
     adaptation.decoder_tuner = decoder_tuner
     return adaptation
