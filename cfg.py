@@ -43,7 +43,7 @@ FLAG_GROUPS = {
                 "ckpt_steps",
     "output": "vis exp_name ckpt_root figs_root",
     "evaluation and export": "weights which split json save_pred images boxes prompt_from merge export onnx",
-    "compare and benchmark": "mods seeds runs decoders ranks train_sizes overwrite nets amp_options grad_ckpt_options no_plain "
+    "compare and benchmark": "mods seeds runs decoders ranks train_sizes lrs overwrite nets amp_options grad_ckpt_options no_plain "
                              "steps warmup out",
 }
 FLAG_GROUP = {name: group for group, names in FLAG_GROUPS.items() for name in names.split()}
@@ -162,6 +162,8 @@ class Config:
                                 "AdaLoRA: the target rank, starting at 3x)", (COMPARE,))
     train_sizes: Optional[str] = flag(None, "comma-separated training-set sizes: each run trains on the first N "
                                       "training images (e.g. 16,64,256; same test split for all)", (COMPARE,))
+    lrs: Optional[str] = flag(None, "comma-separated learning rates to run every mode at (e.g. 1e-4,5e-4,2e-3; "
+                              "in place of -lr), so each mode can be compared at its best one", (COMPARE,))
     overwrite: bool = flag(False, "redo finished runs whose saved settings differ from the requested ones "
                            "(without it compare refuses them)", (COMPARE,))
 
@@ -324,16 +326,17 @@ def _nets_with_convs() -> list[str]:
     return sorted({entry.net for entry in entries if entry.adapt_targets and entry.adapt_targets.convs})
 
 
-def parse_ints(text: Optional[str], flag_name: str) -> list[Optional[int]]:
-    """A comma-separated list of positive integers ([None] when the flag is absent)."""
+def parse_positive(text: Optional[str], flag_name: str, kind: type = int) -> list:
+    """A comma-separated list of positive `kind`s (int or float); [None] when the flag is absent."""
     if text is None:
         return [None]
+    noun = "integers" if kind is int else "numbers"
     try:
-        values = [int(part) for part in text.split(",")]
+        values = [kind(part) for part in text.split(",")]
     except ValueError:
-        raise UserError(f"-{flag_name} takes comma-separated integers, got {text}") from None
-    if any(value <= 0 for value in values):
-        raise UserError(f"-{flag_name} takes positive integers, got {text}")
+        raise UserError(f"-{flag_name} takes comma-separated {noun}, got {text}") from None
+    if any(not value > 0 for value in values):
+        raise UserError(f"-{flag_name} takes positive {noun}, got {text}")
     return values
 
 

@@ -4,6 +4,8 @@
         -epochs 3 -exp_name isic_modes
     python compare.py -net lite_medsam -dataset isic -data_path DATA -mods sam_lora,sam_adalora -decoders full,lora \
         -ranks 1,4,16 -train_sizes 16,64,256 -exp_name sweep            (decoder, rank and data-size sweeps)
+    python compare.py -net lite_medsam -dataset isic -data_path DATA -mods sam_lora,sam_full -lrs 1e-4,5e-4,2e-3 \
+        -exp_name lrs                                                   (a learning rate per mode)
     python compare.py -runs checkpoint/a,'checkpoint/sweep_*' -exp_name mine   (tabulate finished runs)
 
 Writes figs/compare_<exp_name>/{table.md,table.csv,curves.png,tradeoff.png}; the first row is always the
@@ -16,7 +18,7 @@ from common.cli import run_cli
 def main(argv=None) -> None:
     from pathlib import Path
 
-    from cfg import parse_args, parse_ints, parse_modes
+    from cfg import parse_args, parse_modes, parse_positive
 
     config, given = parse_args("compare", argv)  # before the heavy imports
 
@@ -33,10 +35,14 @@ def main(argv=None) -> None:
         unknown = [d for d in decoders if d not in (None, "full", "lora", "frozen")]
         if unknown:
             raise UserError(f"-decoders: unknown setting {unknown[0]}; choose from full, lora, frozen")
-        ranks, sizes = parse_ints(config.ranks, "ranks"), parse_ints(config.train_sizes, "train_sizes")
-        sweeps = ("mods", "seeds", "runs", "exp_name", "mod", "seed", "decoders", "ranks", "train_sizes", "overwrite")
+        ranks, sizes = parse_positive(config.ranks, "ranks"), parse_positive(config.train_sizes, "train_sizes")
+        lrs = parse_positive(config.lrs, "lrs", float)
+        if config.lrs and "lr" in given:
+            raise UserError("-lr and -lrs both given: -lrs runs every mode at each of its learning rates; drop -lr")
+        sweeps = ("mods", "seeds", "runs", "exp_name", "mod", "seed", "decoders", "ranks", "train_sizes", "lrs",
+                  "overwrite")
         passed = {key: getattr(config, key) for key in given if key not in sweeps}
-        rows = variants(modes, decoders, ranks, sizes)
+        rows = variants(modes, decoders, ranks, sizes, lrs)
         folders = [zero_shot_run(passed, name, config.ckpt_root, config.overwrite)] + \
             train_runs(passed, rows, seeds, name, config.ckpt_root, config.overwrite)
     table = write_outputs([read_run(folder) for folder in folders], Path(config.figs_root) / f"compare_{name}")

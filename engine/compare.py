@@ -41,20 +41,29 @@ def applies_to(flag_name: str, mode: str) -> bool:
     return True
 
 
+def short_float(value: float) -> str:
+    """0.0005 -> '5e-4', 0.00025 -> '2.5e-4': learning rates as people write them."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One row of a comparison: a mode, optionally with its decoder setting, LoRA rank and training-set size."""
+    """One row of a comparison: a mode, optionally with its decoder setting, LoRA rank, training-set size and
+    learning rate."""
 
     mode: str
     decoder: Optional[str] = None
     rank: Optional[int] = None
     train_size: Optional[int] = None
+    lr: Optional[float] = None
 
     def label(self) -> str:
         parts = [self.mode]
         parts += [f"dec-{self.decoder}"] if self.decoder else []
         parts += [f"r{self.rank}"] if self.rank else []
         parts += [f"n{self.train_size}"] if self.train_size else []
+        parts += [f"lr{short_float(self.lr)}"] if self.lr else []
         return " ".join(parts)
 
     def flags(self) -> dict:
@@ -68,6 +77,8 @@ class Variant:
             flags.update(adalora_target_r=self.rank, adalora_init_r=3 * self.rank)
         if self.train_size:
             flags["max_train"] = self.train_size
+        if self.lr:
+            flags["lr"] = self.lr
         return flags
 
 
@@ -77,13 +88,14 @@ def has_lora_rank(mode: str) -> bool:
 
 
 def variants(modes: list[str], decoders: list[Optional[str]], ranks: list[Optional[int]],
-             train_sizes: list[Optional[int]]) -> list[Variant]:
-    """Every mode x decoder setting (where the mode has one) x rank (LoRA family) x training-set size."""
+             train_sizes: list[Optional[int]], lrs: tuple[Optional[float], ...] = (None,)) -> list[Variant]:
+    """Every mode x decoder setting (where the mode has one) x rank (LoRA family) x training-set size x
+    learning rate."""
     rows = []
     for mode in modes:
         for decoder in decoders if "decoder" in get_mode(mode).options else [None]:
             for rank in ranks if has_lora_rank(mode) else [None]:
-                rows += [Variant(mode, decoder, rank, size) for size in train_sizes]
+                rows += [Variant(mode, decoder, rank, size, lr) for size in train_sizes for lr in lrs]
     return rows
 
 
@@ -218,7 +230,14 @@ def variant_of(config: dict) -> Variant:
     options = get_mode(config["mod"]).options
     rank = (config.get("mid_dim") or DEFAULT_RANK) if "mid_dim" in options else config.get("adalora_target_r")
     return Variant(config["mod"], config.get("decoder") if "decoder" in options else None,
-                   rank if has_lora_rank(config["mod"]) else None, config.get("max_train"))
+                   rank if has_lora_rank(config["mod"]) else None, config.get("max_train"), config["lr"])
+
+
+def labels_without_a_shared_lr(runs: list[dict]) -> list[dict]:
+    """The runs, their learning rate left out of the labels when every trained run used the same one."""
+    if len({run["variant"].lr for run in runs if run["variant"].mode != ZERO_SHOT}) > 1:
+        return runs
+    return [{**run, "variant": dataclasses.replace(run["variant"], lr=None)} for run in runs]
 
 
 def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
@@ -232,7 +251,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         group = [run for run in runs if run["variant"] == variant]
         metrics = group[0]["final"]["metrics"]
         row = {"mode": variant.mode, "decoder": variant.decoder, "rank": variant.rank,
-               "train_size": variant.train_size, "label": variant.label(), "seeds": len(group),
+               "train_size": variant.train_size, "lr": variant.lr, "label": variant.label(), "seeds": len(group),
                "split": group[0]["final"]["split"], "images": int(metrics["images"])}
         for key in [k for k in metrics if k.startswith(("dice_", "iou_")) or k == "vcdr_mae"]:
             row[key], row[f"{key}_std"] = _mean_std([run["final"]["metrics"][key] for run in group])
@@ -282,6 +301,7 @@ def table_header(runs: list[dict], rows: list[dict]) -> str:
 
 
 def write_outputs(runs: list[dict], out_dir: Path) -> str:
+    runs = labels_without_a_shared_lr(runs)
     rows = summarise(runs)
     mismatched = [row["label"] for row in rows if row["images"] != rows[0]["images"]]
     if mismatched:
@@ -298,27 +318,28 @@ def write_outputs(runs: list[dict], out_dir: Path) -> str:
         writer.writerows(rows)
     plot_curves(runs, out_dir / "curves.png")
     plot_tradeoff(rows, out_dir / "tradeoff.png")
-    for key, label in (("train_size", "training images"), ("rank", "LoRA rank")):
+    for key, label in (("train_size", "training images"), ("rank", "LoRA rank"), ("lr", "learning rate")):
         if len({row[key] for row in rows if row[key] is not None}) > 1:
             plot_against(rows, key, label, out_dir / f"dice_vs_{key}.png")
     return table
 
 
 def plot_against(rows: list[dict], key: str, label: str, path: Path) -> None:
-    """Mean Dice against a swept setting (training-set size or rank), one line per remaining setting."""
+    """Mean Dice against a swept setting (training-set size, rank or learning rate), one line per remaining
+    setting."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     lines: dict[str, list[tuple]] = {}
     for row in rows:
         if row["mode"] == ZERO_SHOT:
             ax.axhline(row["dice_mean"], color="grey", linestyle="--", label="zero-shot base")
         elif row[key] is not None:
-            rest = Variant(row["mode"], row["decoder"], *(
-                (None, row["train_size"]) if key == "rank" else (row["rank"], None))).label()
+            rest = Variant(**{field.name: None if field.name == key else row[field.name]
+                              for field in dataclasses.fields(Variant)}).label()
             lines.setdefault(rest, []).append((row[key], row["dice_mean"]))
     for name, points in lines.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
+    ax.set_xscale("log", base=10 if key == "lr" else 2)
     ax.set_xlabel(label + " (log)")
     ax.set_ylabel(f"{rows[0]['split']} mean Dice")
     ax.grid(alpha=0.3)

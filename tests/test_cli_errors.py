@@ -137,3 +137,14 @@ def test_existing_run_is_never_overwritten(run, tmp_path):
     result = run(*TRAIN, "-exp_name", "taken", "-ckpt_root", str(tmp_path / "ck"))
     assert_one_line_error(result, "-resume", "-exp_name")
     assert (run_dir / "last.pt").read_bytes() == b"a previous run"
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["-lr", "1e-3", "-lrs", "1e-4,2e-3"], ("-lr and -lrs", "drop -lr")),
+    (["-lrs", "1e-4,fast"], ("-lrs", "numbers", "fast")),
+    (["-ranks", "4,0"], ("-ranks", "positive integers")),
+])
+def test_compare_sweep_flags_that_make_no_sense(run, tmp_path, flags, fragments):
+    result = run("compare.py", "-mods", "sam_lora", "-ckpt_root", str(tmp_path / "ck"), *flags)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "ck").exists()  # refused before anything ran

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cfg import parse_args
+from cfg import ZERO_SHOT, parse_args
 from common.errors import UserError
 from engine.compare import (Variant, _reuse_or_clear, applies_to, config_differences, expand_runs, label_offsets,
-                            train_argv, variant_of, variants)
+                            labels_without_a_shared_lr, train_argv, variant_of, variants)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,11 +37,25 @@ def test_sweeps_expand_only_where_they_apply():
     assert Variant("sam_lora", "lora", 8, 16).flags() == {"decoder": "lora", "mid_dim": 8, "max_train": 16}
     assert Variant("sam_adalora", None, 2).flags() == {"adalora_target_r": 2, "adalora_init_r": 6}
     # a saved run config maps back to the variant that made it
-    config, _ = parse_args("train", train_argv({}, Variant("sam_adalora", "lora", 2, 16), 0, "x"))
-    assert variant_of(config.to_json()) == Variant("sam_adalora", "lora", 2, 16)
-    # without -mid_dim the row carries the rank in effect, so it joins a rank sweep's curve
+    config, _ = parse_args("train", train_argv({}, Variant("sam_adalora", "lora", 2, 16, 2e-3), 0, "x"))
+    assert variant_of(config.to_json()) == Variant("sam_adalora", "lora", 2, 16, 2e-3)
+    # without -mid_dim (-lr) the row carries the rank (learning rate) in effect, so it joins a sweep's curve
     config, _ = parse_args("train", train_argv({}, Variant("sam_lora", "lora"), 0, "x"))
-    assert variant_of(config.to_json()) == Variant("sam_lora", "lora", 4)
+    assert variant_of(config.to_json()) == Variant("sam_lora", "lora", 4, None, config.lr)
+
+
+def test_a_learning_rate_sweep_runs_every_mode_at_each_rate_and_labels_show_it_only_when_it_differs():
+    rows = variants(["sam_decoder", "sam_lora"], ["lora"], [None], [None], [1e-4, 2.5e-3])
+    assert [row.label() for row in rows] == ["sam_decoder lr1e-4", "sam_decoder lr2.5e-3",
+                                             "sam_lora dec-lora lr1e-4", "sam_lora dec-lora lr2.5e-3"]
+    assert rows[-1].flags() == {"decoder": "lora", "lr": 2.5e-3}
+    runs = [{"variant": Variant(ZERO_SHOT)}, {"variant": Variant("sam_lora", "lora", 4, None, 5e-4)},
+            {"variant": Variant("sam_full", None, None, None, 5e-4)}]
+    assert [run["variant"].label() for run in labels_without_a_shared_lr(runs)] == [
+        "zero_shot", "sam_lora dec-lora r4", "sam_full"]
+    runs[2] = {"variant": Variant("sam_full", None, None, None, 1e-4)}
+    assert [run["variant"].label() for run in labels_without_a_shared_lr(runs)] == [
+        "zero_shot", "sam_lora dec-lora r4 lr5e-4", "sam_full lr1e-4"]
 
 
 def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
