@@ -25,7 +25,9 @@ demo: $(STAMP)
 ISIC ?= ../shared/data/isic2017
 ISIC_FLAGS := -net lite_medsam -dataset isic -data_path $(ISIC) -max_train 64 -max_eval 100 -epochs 2 -b 4 -lr 5e-4 \
 	-val_freq 0 -vis 0
+ISIC_LR_FLAGS := $(filter-out -lr 5e-4,$(ISIC_FLAGS))
 C := checkpoint/isic_click
+B := checkpoint/isic_box
 isic2017: $(STAMP)
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_dora,sam_full \
 		-decoders full,lora -exp_name isic_click
@@ -34,15 +36,23 @@ isic2017: $(STAMP)
 	for name in isic_click isic_box; do for file in figs/compare_$$name/tradeoff.png figs/compare_$$name/table.*; do \
 		cp $$file figs/readme/$${name}_$$(basename $$file); done; done
 
-# the LoRA-rank and training-size sweeps (click prompts); their figures also take the table's runs
+# the LoRA-rank, training-size and learning-rate sweeps (click prompts; learning rates also for boxes);
+# their figures also take the table's runs (learning rate 5e-4)
 isic2017-sweeps: isic2017
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_lora -decoders lora -ranks 1,16 -exp_name isic_click_ranks
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt click -mods sam_lora,sam_full -decoders lora -train_sizes 16,32 \
 		-exp_name isic_click_train_sizes
 	$(PYTHON) compare.py -exp_name isic_click_ranks -runs '$(C)_ranks_*,$(C)_sam_lora_dec-lora_seed0'
 	$(PYTHON) compare.py -exp_name isic_click_train_sizes -runs '$(C)_train_sizes_*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0'
-	for name in isic_click_ranks isic_click_train_sizes; do for file in figs/compare_$$name/*.png; do \
-		cp $$file figs/readme/$${name}_$$(basename $$file); done; done
+	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt click -mods sam_lora -decoders lora -lrs 2e-3,5e-3,1e-2 -exp_name isic_click_lrs
+	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt click -mods sam_full -lrs 1e-4,2e-3 -exp_name isic_click_lrs
+	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt click -mods sam_adpt,sam_adalora -decoders lora -lrs 5e-3 -exp_name isic_click_lrs
+	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt box -mods sam_lora -decoders lora -lrs 5e-3 -exp_name isic_box_lrs
+	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt box -mods sam_full -lrs 1e-4 -exp_name isic_box_lrs
+	$(PYTHON) compare.py -exp_name isic_click_lrs -runs '$(C)_lrs_*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_sam_adpt_dec-lora_seed0,$(C)_sam_adalora_dec-lora_seed0'
+	$(PYTHON) compare.py -exp_name isic_box_lrs -runs '$(B)_lrs_*,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0'
+	for name in isic_click_ranks isic_click_train_sizes isic_click_lrs isic_box_lrs; do for file in figs/compare_$$name/*.png \
+		figs/compare_$$name/table.md; do cp $$file figs/readme/$${name}_$$(basename $$file); done; done
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

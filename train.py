@@ -58,12 +58,14 @@ def main(argv=None) -> None:
     best = run_dir / "best.safetensors"
     checkpoints.load_weights(best, model, get_mode(config.mod).saves_all)
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
-    summary = evaluate(model, dataset, EvalSettings.of(config), runtime, data.class_names, split, original=True)
+    per_image: list = []
+    summary = evaluate(model, dataset, EvalSettings.of(config), runtime, data.class_names, split, original=True,
+                       per_image=per_image)
     if runtime.is_main:
         print(f"{split} (best weights, original resolution): " + " ".join(f"{k}={format_number(v)}" for k, v in summary.items()))
         checkpoints.write_json(run_dir / "final_metrics.json", {
             "split": split, "weights": "best", "metrics": summary, "wall_seconds": time.time() - started,
-            "total_params": sum(p.numel() for p in model.parameters())})
+            "total_params": sum(p.numel() for p in model.parameters()), "per_image": per_image})
         print(f"run folder: {run_dir}   figures: {figs_dir}")
     stop_runtime(runtime)
 

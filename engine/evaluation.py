@@ -82,14 +82,20 @@ class EvalSettings:
 
 @torch.no_grad()
 def evaluate(model: PromptableSegmenter, dataset: Dataset, settings: EvalSettings, runtime: Runtime,
-             class_names: list[str], desc: str = "eval", original: bool = False) -> dict[str, float]:
+             class_names: list[str], desc: str = "eval", original: bool = False,
+             per_image: Optional[list] = None) -> dict[str, float]:
     """Dice/IoU per class (and vCDR error for disc+cup) over `dataset`, summed over all processes.
 
     original=False: at the model's resolution (-out_size, default -image_size) against the resized masks
     (per-epoch validation); original=True: predictions resized to each image's original size against its
     original mask (what val.py and the final test evaluation report; a dataset without original masks
     is evaluated at the model's resolution). Volume data sets (-dataset nifti) give per-volume 3D
-    Dice/IoU at the volume's own size, averaged over volumes (engine/volumes.py)."""
+    Dice/IoU at the volume's own size, averaged over volumes (engine/volumes.py).
+
+    per_image (original=True): a list that gets one row per image, {"image": name, "dice_<class>": ...,
+    "iou_<class>": ...}, in dataset order and from every process, for paired comparisons of two runs."""
+    if per_image is not None and not original:
+        raise ValueError("per-image rows are recorded only for the original-resolution evaluation")
     if getattr(dataset, "is_volumes", False):
         from .volumes import evaluate_volumes
         return evaluate_volumes(model, dataset, settings, runtime, class_names, desc)[0]
@@ -101,6 +107,7 @@ def evaluate(model: PromptableSegmenter, dataset: Dataset, settings: EvalSetting
                         sampler=ShardSampler(len(dataset), runtime.rank, runtime.world_size),
                         num_workers=settings.workers, pin_memory=runtime.device.type == "cuda")
     metrics = MetricAccumulator(class_names)
+    names, rows = (dataset.names, []) if per_image is not None and original else (None, None)
     for batch in progress(loader, desc=desc, disable=not runtime.is_main):
         logits = predict_logits(model, batch, runtime.device, settings.amp, size)
         if not original:
@@ -111,13 +118,29 @@ def evaluate(model: PromptableSegmenter, dataset: Dataset, settings: EvalSetting
         for i, index in enumerate(batch["index"].tolist()):
             full = logits_at_original_size(logits[i], batch["valid_hw"][i], batch["original_hw"][i])[None]
             target = torch.from_numpy(dataset.original_mask(index))[None].to(full.device)
-            metrics.update(full, target, torch.ones_like(target[:, :1], dtype=torch.bool))
+            dice, iou = metrics.update(full, target, torch.ones_like(target[:, :1], dtype=torch.bool))
+            if rows is not None:
+                rows.append((index, image_row(names[index], class_names, dice[0], iou[0])))
     if runtime.distributed:
         flat = metrics.state_tensor().to(runtime.device)
         dist.all_reduce(flat)
         metrics.load_state_tensor(flat.cpu())
+        if rows is not None:
+            gathered = [None] * runtime.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+    if rows is not None:
+        per_image.extend(row for _, row in sorted(rows, key=lambda pair: pair[0]))
     model.train(was_training)
     return metrics.summary()
+
+
+def image_row(name: str, class_names: list[str], dice: Tensor, iou: Tensor) -> dict:
+    """One image's scores: {"image": name, "dice_<class>": ..., "iou_<class>": ...}."""
+    row: dict = {"image": name}
+    for metric, values in (("dice", dice), ("iou", iou)):
+        row.update({f"{metric}_{cls}": value for cls, value in zip(class_names, values.tolist())})
+    return row
 
 
 class IndexedDataset(Dataset):

@@ -71,7 +71,8 @@ class MetricAccumulator:
         for key, value in zeros.items():
             self.sums.setdefault(key, value.double())
 
-    def update(self, logits: Tensor, target: Tensor, valid: Tensor) -> None:
+    def update(self, logits: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Adds a batch; returns its per-image Dice and IoU (B x C)."""
         dice, iou = dice_iou_per_image(logits, target, valid)
         batch = {"dice": dice.sum(0), "iou": iou.sum(0), "count": torch.tensor(float(dice.shape[0]))}
         if self.class_names == ["disc", "cup"]:
@@ -86,6 +87,7 @@ class MetricAccumulator:
         for key, value in batch.items():
             value = value.detach().double().cpu()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
+        return dice, iou
 
     def summary(self) -> dict[str, float]:
         count = float(self.sums["count"])

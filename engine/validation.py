@@ -129,7 +129,9 @@ def evaluate_split(model: PromptableSegmenter, target: Target, runtime: Runtime)
               f"{format_volume_table(rows, summary)}")
         record["volumes"] = rows
     else:
-        summary = evaluate(model, dataset, EvalSettings.of(config), runtime, class_names, split, original=True)
+        record["per_image"] = []
+        summary = evaluate(model, dataset, EvalSettings.of(config), runtime, class_names, split, original=True,
+                           per_image=record["per_image"])
         print(f"{split} split, {int(summary['images'])} images at their original resolution, {config.prompt} "
               f"prompts, {target.source}:")
         for key, value in summary.items():

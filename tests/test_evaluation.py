@@ -29,8 +29,15 @@ def test_original_resolution_metrics_use_the_original_masks():
         expected.append(2 * mask.sum() / (mask.sum() + mask.size))
     runtime = Runtime(torch.device("cpu"))
     settings = EvalSettings(batch_size=3, workers=0, amp="none", image_size=32)  # only what evaluation reads
-    original = evaluate(Everywhere(), test, settings, runtime, ["lesion"], original=True)
+    per_image: list = []
+    original = evaluate(Everywhere(), test, settings, runtime, ["lesion"], original=True, per_image=per_image)
     assert original["dice_mean"] == pytest.approx(float(np.mean(expected)), abs=1e-6)
     assert original["images"] == len(test)
+    # one row per image, in dataset order, with that image's own scores
+    assert [row["image"] for row in per_image] == test.names
+    assert [row["dice_lesion"] for row in per_image] == pytest.approx([float(e) for e in expected], abs=1e-6)
+    assert all(0 < row["iou_lesion"] < row["dice_lesion"] for row in per_image)
+    with pytest.raises(ValueError, match="original-resolution"):
+        evaluate(Everywhere(), test, settings, runtime, ["lesion"], per_image=[])
     at_model_size = evaluate(Everywhere(), test, settings, runtime, ["lesion"])
     assert at_model_size["dice_mean"] != pytest.approx(original["dice_mean"], abs=1e-4)  # 32 px masks differ
