@@ -51,7 +51,7 @@ isic2017-sweeps: isic2017
 	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt box -mods sam_full -lrs 1e-4 -exp_name isic_box_lrs
 	$(PYTHON) compare.py -exp_name isic_click_lrs -runs '$(C)_lrs_*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_sam_adpt_dec-lora_seed0,$(C)_sam_adalora_dec-lora_seed0'
 	$(PYTHON) compare.py -exp_name isic_box_lrs -runs '$(B)_lrs_*,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0'
-	for name in isic_click_ranks isic_click_train_sizes isic_click_lrs isic_box_lrs; do for file in figs/compare_$$name/*.png \
+	for name in isic_click_ranks isic_click_train_sizes isic_click_lrs isic_box_lrs; do for file in figs/compare_$$name/dice_vs_*.png \
 		figs/compare_$$name/table.md; do cp $$file figs/readme/$${name}_$$(basename $$file); done; done
 
 test: $(STAMP)
