@@ -122,7 +122,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
 def test_two_processes_follow_one_process(tmp_path, decoder, port):
     """-decoder full: DDP searches for unused parameters (the IoU head); lora: every trainable one gets a
     gradient, so DDP runs without the search."""
-    args = [*BASE, "-epochs", "2", "-aug", "light", "-decoder", decoder]
+    args = [*BASE, "-epochs", "2", "-aug", "light", "-decoder", decoder, "-amp", "none"]  # bf16 rounding differs by batch shape
     run_script("train.py", *args, "-b", "4", "-exp_name", "single", tmp=tmp_path)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port)
     run_script("train.py", *args, "-b", "2", "-exp_name", "ddp", tmp=tmp_path, launcher=torchrun)
@@ -130,7 +130,7 @@ def test_two_processes_follow_one_process(tmp_path, decoder, port):
     assert [row["world_size"] for row in ddp] == ["2", "2"]
     for a, b in zip(single, ddp):
         for key in ("train_loss", "val_dice_mean", "val_iou_mean"):
-            assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-4), key
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-5), key
 
 
 SLOW_WRITER = """
