@@ -47,6 +47,8 @@ isic2017-sweeps: isic2017
 	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt click -mods sam_lora -decoders lora -lrs 2e-3,5e-3,1e-2 -exp_name isic_click_lrs
 	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt click -mods sam_full -lrs 1e-4,2e-3 -exp_name isic_click_lrs
 	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt click -mods sam_adpt,sam_adalora -decoders lora -lrs 5e-3 -exp_name isic_click_lrs
+	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt click -mods sam_lora -decoders lora -lrs 5e-3 -seeds 0,1 -exp_name isic_click_lrs
+	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt click -mods sam_full -lrs 1e-4 -seeds 0,1 -exp_name isic_click_lrs
 	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt box -mods sam_lora -decoders lora -lrs 5e-3 -exp_name isic_box_lrs
 	$(PYTHON) compare.py $(ISIC_LR_FLAGS) -prompt box -mods sam_full -lrs 1e-4 -exp_name isic_box_lrs
 	$(PYTHON) compare.py -exp_name isic_click_lrs -runs '$(C)_lrs_*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_sam_adpt_dec-lora_seed0,$(C)_sam_adalora_dec-lora_seed0'
