@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import matplotlib
 
@@ -88,7 +88,7 @@ def has_lora_rank(mode: str) -> bool:
 
 
 def variants(modes: list[str], decoders: list[Optional[str]], ranks: list[Optional[int]],
-             train_sizes: list[Optional[int]], lrs: tuple[Optional[float], ...] = (None,)) -> list[Variant]:
+             train_sizes: list[Optional[int]], lrs: Sequence[Optional[float]] = (None,)) -> list[Variant]:
     """Every mode x decoder setting (where the mode has one) x rank (LoRA family) x training-set size x
     learning rate."""
     rows = []
