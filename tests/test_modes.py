@@ -370,19 +370,19 @@ def lora_e(model) -> dict[str, torch.Tensor]:
 def test_adalora_prunes_to_the_target_budget_with_one_allocator() -> None:
     total, linears = 30, 4 * SAM_TINY["depth"]
     model, adaptation, optimizer = adalora_run(total)
-    allocator = adaptation.tuner.rankallocator
+    budget = adaptation.budget
     assert adaptation.total_rank() == 6 * linears
-    assert (allocator.init_bgt, allocator.target_bgt) == (6 * linears, 2 * linears)
+    assert (budget.init_budget, budget.target_budget) == (6 * linears, 2 * linears)
     config = adaptation.tuner.peft_config["default"]
     assert (config.total_step, config.tinit, config.tfinal, config.deltaT) == (30, 3, 6, 1)
 
     ranks, snapshot = [], None
     for step in range(1, total + 1):
         adalora_step(model, adaptation, optimizer, step)
-        assert adaptation.tuner.rankallocator is allocator, f"a new rank allocator appeared at step {step}"
+        assert adaptation.budget is budget, f"a new rank budget appeared at step {step}"
         ranks.append(adaptation.total_rank())
         if step == 12:
-            assert allocator.ipt, "the allocator in use accumulates the importance scores"
+            assert budget.scores, "the budget in use accumulates the importance scores"
             snapshot = dict(weights={k: v.clone() for k, v in model.state_dict().items()},
                             optimizer=io.BytesIO(), mode=io.BytesIO())
             torch.save(optimizer.state_dict(), snapshot["optimizer"])
@@ -420,6 +420,32 @@ def test_adalora_prunes_to_the_target_budget_with_one_allocator() -> None:
     assert resumed_adaptation.total_rank() == at_step_16[0]
     for module, value in at_step_16[1].items():
         torch.testing.assert_close(lora_e(resumed)[module], value, atol=1e-6, rtol=0)
+
+
+def test_rank_budget_follows_peft_rank_allocator_step_for_step() -> None:
+    """Two identical runs, one pruned by our RankBudget, one by peft's own update_and_allocate: the same
+    importance scores, the same allocation at every step, the same singular values."""
+    total = 30
+    ours, peft_run = adalora_run(total), adalora_run(total)
+    for step in range(1, total + 1):
+        for model, adaptation, optimizer in (ours, peft_run):
+            loss = task_loss(forward(model)) + adaptation.extra_loss()
+            loss.backward()
+            optimizer.step()
+        ours[1].after_backward(step)
+        peft_run[1].tuner.update_and_allocate(step)
+        allocator, budget = peft_run[1].tuner.rankallocator, ours[1].budget
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            theirs, mine = getattr(allocator, key), budget.state_dict()[key]
+            assert set(mine) == set(theirs), (step, key)
+            for name in theirs:
+                torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-9)
+        assert ours[1]._config.rank_pattern == peft_run[1]._config.rank_pattern, f"allocation differs at step {step}"
+        for name, value in lora_e(peft_run[0]).items():
+            torch.testing.assert_close(lora_e(ours[0])[name], value, rtol=1e-4, atol=1e-7)
+        for _, _, optimizer in (ours, peft_run):
+            optimizer.zero_grad(set_to_none=True)
+    assert sum(sum(kept) for kept in ours[1]._config.rank_pattern.values()) == ours[1].budget.target_budget
 
 
 def test_adalora_extra_loss_is_the_orthogonality_term() -> None:

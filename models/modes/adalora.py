@@ -1,4 +1,4 @@
-"""sam_adalora: peft AdaLoRA with ONE rank allocator for the whole run.
+"""sam_adalora: peft's AdaLoRA layers with ONE rank budget (`RankBudget`) for the whole run.
 
 peft adds AdaLoRA's orthogonal regulariser only for models whose output has a `.loss`; this mode
 returns it through `extra_loss`. The budget schedule (initial rank, target rank, warm-up and
@@ -6,7 +6,7 @@ final fractions of all steps) comes from the adalora_* options and the run's tot
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from peft import AdaLoraConfig
@@ -15,8 +15,7 @@ from torch import Tensor, nn
 
 from .adaptation import Adaptation, freeze_all_but_decoder, take_autocast_inputs_as_given
 from .fused_lora import fuse_svd_linears
-
-ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+from .rank_budget import RankBudget
 
 
 class AdaLoraAdaptation(Adaptation):
@@ -25,16 +24,18 @@ class AdaLoraAdaptation(Adaptation):
     def __init__(self, tuner: AdaLoraModel, orth_weight: float):
         super().__init__("sam_adalora", tuner)
         self.orth_weight = orth_weight
+        self.budget = RankBudget(tuner.model, self._config)
 
     @property
     def _config(self) -> AdaLoraConfig:
         return self.tuner.peft_config["default"]
 
     def extra_loss(self) -> Optional[Tensor]:
-        return self.orth_weight * orthogonal_regulariser(self.tuner.model)
+        return self.orth_weight * orthogonal_regulariser(self.budget.params[0::3], self.budget.params[2::3])
 
     def after_backward(self, step: int) -> None:
-        self.tuner.update_and_allocate(step)
+        self.budget.step(step)
+        self._config.rank_pattern = self.budget.rank_pattern
 
     def total_rank(self) -> int:
         """Ranks kept by the allocator's latest allocation (peft's rank_pattern); before the first
@@ -46,28 +47,29 @@ class AdaLoraAdaptation(Adaptation):
         return sum(param.numel() for name, param in self.tuner.model.named_parameters() if "lora_E" in name)
 
     def state_dict(self) -> dict:
-        allocator = self.tuner.rankallocator
-        state = {key: dict(getattr(allocator, key)) for key in ALLOCATOR_STATE}
-        state["rank_pattern"] = self._config.rank_pattern
-        return state
+        return self.budget.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        allocator = self.tuner.rankallocator
-        for key in ALLOCATOR_STATE:
-            setattr(allocator, key, dict(state[key]))
-        self._config.rank_pattern = state["rank_pattern"]
+        self.budget.load_state_dict(state)
+        self._config.rank_pattern = self.budget.rank_pattern
 
 
-def orthogonal_regulariser(encoder: nn.Module) -> Tensor:
-    """Mean over AdaLoRA's P (lora_A) and Q (lora_B) of ||P P^T - I||_F and ||Q^T Q - I||_F."""
-    terms = []
-    for name, param in encoder.named_parameters():
-        if not param.requires_grad or ("lora_A" not in name and "lora_B" not in name):
-            continue
-        gram = param @ param.T if "lora_A" in name else param.T @ param
-        identity = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-        terms.append(torch.linalg.matrix_norm(gram - identity, ord="fro"))
-    return torch.stack(terms).mean()
+def orthogonal_regulariser(left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
+    """Mean over AdaLoRA's P (`left`, lora_A, r x in) and Q (`right`, lora_B, out x r) of ||P P^T - I||_F and
+    ||Q^T Q - I||_F; matrices of one shape go through one batched matmul."""
+    grams = [stacked @ stacked.transpose(1, 2) for stacked in stacked_by_shape(left)]
+    grams += [stacked.transpose(1, 2) @ stacked for stacked in stacked_by_shape(right)]
+    norms = [torch.linalg.matrix_norm(gram - torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype),
+                                      ord="fro") for gram in grams]
+    return torch.cat(norms).mean()
+
+
+def stacked_by_shape(matrices: Sequence[Tensor]) -> list[Tensor]:
+    """`matrices` stacked into one n x rows x cols tensor per distinct shape."""
+    groups: dict[torch.Size, list[Tensor]] = {}
+    for matrix in matrices:
+        groups.setdefault(matrix.shape, []).append(matrix)
+    return [torch.stack(group) for group in groups.values()]
 
 
 def adalora_schedule(total_steps: int, tinit: float, tfinal: float, delta_t: int) -> dict:
