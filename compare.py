@@ -7,6 +7,8 @@
     python compare.py -net lite_medsam -dataset isic -data_path DATA -mods sam_lora,sam_full -lrs 1e-4,5e-4,2e-3 \
         -exp_name lrs                                                   (a learning rate per mode)
     python compare.py -runs checkpoint/a,'checkpoint/sweep_*' -exp_name mine   (tabulate finished runs)
+    python compare.py -runs 'checkpoint/sweep_*' -max_eval 600 -exp_name mine_600
+                        (finished runs re-evaluated on the first 600 test images; kept as <run>/test_600.json)
 
 Writes figs/compare_<exp_name>/{table.md,table.csv,curves.png,tradeoff.png}; the first row is always the
 base net evaluated zero-shot on the same split and prompts; finished modes are not trained again, killed
@@ -45,7 +47,8 @@ def main(argv=None) -> None:
         rows = variants(modes, decoders, ranks, sizes, lrs)
         folders = [zero_shot_run(passed, name, config.ckpt_root, config.overwrite)] + \
             train_runs(passed, rows, seeds, name, config.ckpt_root, config.overwrite)
-    table = write_outputs([read_run(folder) for folder in folders], Path(config.figs_root) / f"compare_{name}")
+    images = config.max_eval if config.runs and "max_eval" in given else None  # -runs: re-evaluate
+    table = write_outputs([read_run(folder, images) for folder in folders], Path(config.figs_root) / f"compare_{name}")
     print(table)
     print(f"wrote {Path(config.figs_root) / f'compare_{name}'}/table.md, table.csv, curves.png, tradeoff.png")
 

@@ -210,11 +210,39 @@ def train_runs(given: dict, rows: list[Variant], seeds: list[int], name: str, ck
     return folders
 
 
-def read_run(run_dir: Path) -> dict:
-    """Everything the table needs from one finished run folder (or a zero-shot evaluation)."""
+def evaluated_on(run_dir: Path, images: int) -> Path:
+    """<run_dir>/test_<images>.json: the finished run (or zero-shot base) evaluated by val.py on the first
+    `images` images of its evaluation split, made once and then reused."""
+    path = run_dir / f"test_{images}.json"
+    if path.is_file() and json.loads(path.read_text())["metrics"]["images"] == images:
+        print(f"[compare] {run_dir.name}: evaluated on {images} images earlier, not evaluated again", flush=True)
+        return path
+    if not run_is_finished(run_dir):
+        raise UserError(f"{run_dir} has no {FINAL}: it is not a finished train.py run")
+    if (run_dir / CONFIG).is_file():
+        argv = ["-weights", str(run_dir)]
+    else:  # zero-shot: the base, with the settings it was evaluated with
+        saved = json.loads((run_dir / FINAL).read_text())["config"]
+        defaults = Config().to_json()
+        keep = {f.name for f in dataclasses.fields(Config) if VAL in f.metadata["scripts"]} - NOT_RESULTS - {
+            "max_eval", "weights", "mod"}
+        argv = _flag_argv({k: v for k, v in saved.items() if k in keep and v != defaults.get(k) and v is not None})
+    command = [sys.executable, str(REPO / "val.py"), *argv, "-max_eval", str(images), "-json", str(path)]
+    print(f"[compare] {' '.join(command[1:])}", flush=True)
+    if subprocess.run(command).returncode != 0:
+        raise UserError(f"evaluating {run_dir} on {images} images failed (see its output above)")
+    return path
+
+
+def read_run(run_dir: Path, images: Optional[int] = None) -> dict:
+    """Everything the table needs from one finished run folder (or a zero-shot evaluation); with `images`,
+    its metrics on that many evaluation images (`evaluated_on`) instead of those it finished with."""
     if not run_is_finished(run_dir):
         raise UserError(f"{run_dir} has no {FINAL}: it is not a finished train.py run")
     final = json.loads((run_dir / FINAL).read_text())
+    if images is not None:
+        record = json.loads(evaluated_on(run_dir, images).read_text())
+        final = {**final, "metrics": record["metrics"], "split": record["split"]}
     if not (run_dir / CONFIG).is_file():  # val.py's zero-shot evaluation: nothing trained
         return {"variant": Variant(ZERO_SHOT), "seed": final["config"]["seed"], "config": final["config"],
                 "final": final, "history": [], "ckpt_mb": 0.0}

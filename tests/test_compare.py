@@ -106,6 +106,28 @@ def test_compare_trains_tabulates_and_resumes(tmp_path):
     changed = subprocess.run(command + ["-lr", "0.01"], cwd=REPO, capture_output=True, text=True, timeout=600,
                              env=env)
     assert changed.returncode == 2 and "-lr 0.0001 -> 0.01" in changed.stderr and "-overwrite" in changed.stderr
+    # -runs with -max_eval: the finished runs (zero-shot included) re-evaluated on that many images by val.py,
+    # kept in the run folder and reused
+    again = [sys.executable, "compare.py", "-runs", str(tmp_path / "ck" / "t_*"), "-max_eval", "1", "-exp_name", "t1",
+             "-figs_root", str(tmp_path / "figs")]
+    first_images = subprocess.run(again, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert first_images.returncode == 0, first_images.stderr[-3000:]
+    with open(tmp_path / "figs" / "compare_t1" / "table.csv") as handle:
+        one = {row["label"]: row for row in csv.DictReader(handle)}
+    assert set(one) == {row["label"] for row in rows} and {row["images"] for row in one.values()} == {"1"}
+    assert int(rows[0]["images"]) > 1, "the runs' own evaluation must differ for this to test re-evaluation"
+    for row in rows[1:]:
+        (run_dir,) = (tmp_path / "ck").glob(f"t_{row['mode']}_seed*")
+        alone = tmp_path / f"{row['mode']}_1.json"
+        check = subprocess.run([sys.executable, "val.py", "-weights", str(run_dir), "-max_eval", "1", "-json",
+                                str(alone)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert check.returncode == 0, check.stderr[-3000:]
+        dice = json.loads(alone.read_text())["metrics"]["dice_mean"]
+        assert float(one[row["label"]]["dice_mean"]) == pytest.approx(dice, abs=1e-12)
+        assert one[row["label"]]["sec_per_step"] == row["sec_per_step"]  # the cost columns stay the run's own
+    assert (tmp_path / "ck" / "t_zero_shot" / "test_1.json").is_file()
+    reused = subprocess.run(again, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert reused.returncode == 0 and reused.stdout.count("not evaluated again") == 3
 
 
 def test_compare_runs_from_any_working_directory(tmp_path):
