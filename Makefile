@@ -3,7 +3,8 @@
 #               zero-shot Dice first, then the adapted Dice on the same test split (compare.py)
 #   make test   the whole test suite (what .ci/run runs)
 #   make isic2017   the README's ISIC-2017 comparison from the pretrained LiteMedSAM, box and click tables
-#               (about 2 hours on 2 CPU cores); make isic2017-sweeps adds the LoRA-rank and training-size sweeps
+#               (about 2 hours on 2 CPU cores); make isic2017-sweeps adds the LoRA-rank, training-size and
+#               learning-rate sweeps; make isic2017-600 the tables on all 600 test images (about 2.5 hours more)
 PYTHON ?= python3
 export NO_ALBUMENTATIONS_UPDATE = 1
 STAMP := .install-stamp
@@ -56,7 +57,21 @@ isic2017-sweeps: isic2017
 	for name in isic_click_ranks isic_click_train_sizes isic_click_lrs isic_box_lrs; do for file in figs/compare_$$name/dice_vs_*.png \
 		figs/compare_$$name/table.md; do cp $$file figs/readme/$${name}_$$(basename $$file); done; done
 
+# all 600 test images: the best-rate rows of the sweeps, and the LoRA/full rows at four times the training
+# budget (256 images, 2 epochs = 128 steps); finished runs are re-evaluated once (<run>/test_600.json)
+ISIC_N256_FLAGS := $(subst -max_train 64 -max_eval 100,-max_train 256 -max_eval 600,$(ISIC_LR_FLAGS))
+isic2017-600: isic2017-sweeps
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_lora -decoder lora -lr 5e-3 \
+		-exp_name isic_click_n256_sam_lora_dec-lora_lr5e-3_seed0
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_full -lr 1e-4 -exp_name isic_click_n256_sam_full_lr1e-4_seed0
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_lora -decoder lora -lr 5e-3 \
+		-exp_name isic_box_n256_sam_lora_dec-lora_lr5e-3_seed0
+	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_zero_shot,$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
+	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_600 -runs '$(B)_lrs_zero_shot,$(B)_lrs_sam_lora_dec-lora_lr5e-3_seed0,$(B)_lrs_sam_full_lr1e-4_seed0,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0,$(B)_n256_*'
+	for name in isic_click_600 isic_box_600; do cp figs/compare_$$name/table.md figs/readme/$${name}_table.md; \
+		cp figs/compare_$$name/tradeoff.png figs/readme/$${name}_tradeoff.png; done
+
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-.PHONY: install demo test isic2017 isic2017-sweeps
+.PHONY: install demo test isic2017 isic2017-sweeps isic2017-600

@@ -236,11 +236,11 @@ def evaluated_on(run_dir: Path, images: int) -> Path:
 
 def read_run(run_dir: Path, images: Optional[int] = None) -> dict:
     """Everything the table needs from one finished run folder (or a zero-shot evaluation); with `images`,
-    its metrics on that many evaluation images (`evaluated_on`) instead of those it finished with."""
+    its metrics on that many evaluation images (its own if it finished with that many, else `evaluated_on`)."""
     if not run_is_finished(run_dir):
         raise UserError(f"{run_dir} has no {FINAL}: it is not a finished train.py run")
     final = json.loads((run_dir / FINAL).read_text())
-    if images is not None:
+    if images is not None and final["metrics"]["images"] != images:
         record = json.loads(evaluated_on(run_dir, images).read_text())
         final = {**final, "metrics": record["metrics"], "split": record["split"]}
     if not (run_dir / CONFIG).is_file():  # val.py's zero-shot evaluation: nothing trained
