@@ -66,8 +66,8 @@ isic2017-600: isic2017-sweeps
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_full -lr 1e-4 -exp_name isic_click_n256_sam_full_lr1e-4_seed0
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_lora -decoder lora -lr 5e-3 \
 		-exp_name isic_box_n256_sam_lora_dec-lora_lr5e-3_seed0
-	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_zero_shot,$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
-	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_600 -runs '$(B)_lrs_zero_shot,$(B)_lrs_sam_lora_dec-lora_lr5e-3_seed0,$(B)_lrs_sam_full_lr1e-4_seed0,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0,$(B)_n256_*'
+	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
+	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_600 -runs '$(B)_lrs_sam_lora_dec-lora_lr5e-3_seed0,$(B)_lrs_sam_full_lr1e-4_seed0,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0,$(B)_n256_*'
 	for name in isic_click_600 isic_box_600; do cp figs/compare_$$name/table.md figs/readme/$${name}_table.md; \
 		cp figs/compare_$$name/tradeoff.png figs/readme/$${name}_tradeoff.png; done
 
