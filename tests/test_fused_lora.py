@@ -56,22 +56,56 @@ def test_fused_layer_gives_peft_output_and_gradients():
     assert fused.state_dict().keys() == plain.state_dict().keys()
 
 
-def full_width_elementwise(model: nn.Module) -> list[str]:
-    """The mul/add calls of one forward and backward over activations (14 tokens x 12 or 20 features), not
-    over the rank-3 products or the adapter weights."""
+def profiled_ops(model: nn.Module) -> list:
     x = torch.randn(2, 7, 12, requires_grad=True)
     with torch.profiler.profile(record_shapes=True) as prof:
         model(x).sum().backward()
-    return [event.name for event in prof.events() if event.name in ("aten::mul", "aten::add", "aten::add_")
+    return list(prof.events())
+
+
+def full_width_elementwise(model: nn.Module) -> list[str]:
+    """The mul/add calls of one forward and backward over activations (14 tokens x 12 or 20 features), not
+    over the rank-3 products or the adapter weights."""
+    return [event.name for event in profiled_ops(model) if event.name in ("aten::mul", "aten::add", "aten::add_")
             and math.prod(event.input_shapes[0] or [0]) >= 14 * 12]
 
 
-def test_fused_layer_scales_and_sums_no_full_width_output():
-    fused, plain = full_width_elementwise(adapted(True)), full_width_elementwise(adapted(False))
+def rank_products_over_tokens(model: nn.Module, rank: int = 3) -> list[list]:
+    """Matrix products that multiply over all 14 tokens with the rank as an inner or outer dimension:
+    (tokens x r) @ (r x features) and (features x tokens) @ (tokens x r), which CPU BLAS runs slowly."""
+    products = []
+    for event in profiled_ops(model):
+        shapes = [shape for shape in event.input_shapes if len(shape) == 2]
+        if event.name in ("aten::mm", "aten::addmm") and len(shapes) >= 2:
+            left, right = shapes[-2:]
+            if (left[0] == 14 and left[1] == rank) or (left[1] == 14 and right[1] == rank):
+                products.append([left, right])
+    return products
+
+
+def test_frozen_float32_base_takes_one_product_with_the_merged_weight():
+    fused, plain = adapted(True), adapted(False)
+    assert not fused[0].base_layer.weight.requires_grad
+    assert full_width_elementwise(fused) == [] and full_width_elementwise(plain).count("aten::mul") == 4
+    assert rank_products_over_tokens(fused) == [], rank_products_over_tokens(fused)
+    assert len(rank_products_over_tokens(plain)) >= 4  # peft: B's product forward, dx and dB per layer
+
+
+def test_trainable_base_keeps_the_addmm_path_with_peft_gradients():
+    x = torch.randn(2, 7, 12)
+    fused, plain = adapted(True), adapted(False)
+    for model in (fused, plain):
+        for layer in (model[0], model[2]):
+            layer.base_layer.weight.requires_grad_(True)
+    results = step(fused, x), step(plain, x)
+    assert len(results[0]) == 2 + 6  # with the two base weights' gradients
+    for value, reference in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+    fused_passes, plain_passes = full_width_elementwise(fused), full_width_elementwise(plain)
     # peft: per layer a scaling and a sum in forward and a scaling in backward; both keep the sums of the
     # input gradients (base and branch) in backward
-    assert "aten::mul" not in fused and plain.count("aten::mul") == 4
-    assert len(plain) - len(fused) == 6, (plain, fused)
+    assert "aten::mul" not in fused_passes and plain_passes.count("aten::mul") == 4
+    assert len(plain_passes) - len(fused_passes) == 6, (plain_passes, fused_passes)
 
 
 def test_fused_adalora_layer_gives_peft_output_gradients_and_fewer_full_width_passes():

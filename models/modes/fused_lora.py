@@ -1,14 +1,20 @@
-"""peft's LoRA and AdaLoRA linears with the branch added inside a matmul.
+"""peft's LoRA and AdaLoRA linears computed without full-width passes for the low-rank branch.
 
 peft computes `base(x) + lora_B(lora_A(x)) * scaling` (AdaLoRA also divides by the rank): after B's
-product, more passes over the full-width output (the scaling, the sum) and more in backward. Here the
-scaling goes onto the rank-wide product or into `addmm`'s alpha, and B's product accumulates into the base
-output as one `addmm`. Everything else (state dict keys, merging, DoRA, dropout, several adapters, rank
-allocation) stays peft's own: the cases not fused take peft's forward unchanged.
+product, more passes over the full-width output (the scaling, the sum) and more in backward. Here:
+- with a frozen float32 base outside autocast (LoRA's training step on CPU and GPU), `LowRankLinear`: the
+  forward and the input gradient each take one matrix product with the merged weight W + s B A, and A's
+  and B's gradients are taken as (r x tokens) @ (tokens x features) products; CPU BLAS runs the products
+  autograd would take instead, with r as an inner or outer dimension over all tokens, several times slower;
+- otherwise (autocast, where a merged weight would round the small update away, or a trainable base) the
+  scaling goes onto the rank-wide product or into `addmm`'s alpha, and B's product accumulates into the
+  base output as one `addmm`.
+Everything else (state dict keys, merging, DoRA, dropout, several adapters, rank allocation) stays peft's
+own: the cases not fused take peft's forward unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,28 +41,59 @@ def add_low_rank(out: Tensor, low_rank: Tensor, up: Tensor, alpha: float = 1.0) 
     return fused.view(out.shape)
 
 
+class LowRankLinear(torch.autograd.Function):
+    """`x (W + up @ down)^T + b` for a frozen W and b, with gradients for x, down (r x in) and up (out x r)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor, up: Tensor) -> Tensor:
+        merged = torch.addmm(weight, up, down)
+        ctx.save_for_backward(x, merged, down, up)
+        out = F.linear(x.reshape(-1, x.shape[-1]), merged, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, merged, down, up = ctx.saved_tensors
+        tokens, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_x = (grad @ merged).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_down = (grad @ up).t().mm(tokens) if ctx.needs_input_grad[3] else None
+        grad_up = (tokens @ down.t()).t().mm(grad).t().contiguous() if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_down, grad_up
+
+
+def low_rank_linear(base: nn.Linear, x: Tensor, down: Tensor, up: Tensor, scale: Union[float, Tensor]) -> Tensor:
+    """`base(x) + scale * x down^T up^T`, merged (`LowRankLinear`) where that is exact enough and faster."""
+    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+    if frozen and x.dtype == base.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        return LowRankLinear.apply(x, base.weight, base.bias, down, up * scale)
+    low_rank = F.linear(x, down)
+    if isinstance(scale, Tensor):  # AdaLoRA's scale / rank: onto the rank-wide product
+        low_rank, scale = low_rank * scale, 1.0
+    return add_low_rank(base(x), low_rank, up, scale)
+
+
 class FusedLoraLinear(LoraLinear):
-    """A peft LoRA `Linear` whose plain single-adapter forward is `addmm(base(x), x A^T, B^T, alpha=s)`."""
+    """A peft LoRA `Linear` whose plain single-adapter forward is `low_rank_linear`."""
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter = fusable_adapter(self, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        low_rank = self.lora_A[adapter](x)
-        return add_low_rank(self.base_layer(x), low_rank, self.lora_B[adapter].weight, self.scaling[adapter])
+        return low_rank_linear(self.base_layer, x, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                               self.scaling[adapter])
 
 
 class FusedSVDLinear(SVDLinear):
-    """A peft AdaLoRA `SVDLinear` whose plain single-adapter forward scales the rank-wide product
-    `x (A*E)^T` by scaling / rank and adds its product with B to the base output in one addmm."""
+    """A peft AdaLoRA `SVDLinear` whose plain single-adapter forward is `low_rank_linear` with down = A*E and
+    the scale scaling / rank."""
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter = fusable_adapter(self, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         singular = self.lora_A[adapter] * self.lora_E[adapter]
-        low_rank = F.linear(x, singular) * (self.scaling[adapter] / (self.ranknum[adapter] + 1e-5))
-        return add_low_rank(self.base_layer(x), low_rank, self.lora_B[adapter])
+        scale = self.scaling[adapter] / (self.ranknum[adapter] + 1e-5)
+        return low_rank_linear(self.base_layer, x, singular, self.lora_B[adapter], scale)
 
 
 def fuse_svd_linears(tuner: AdaLoraModel) -> AdaLoraModel:
