@@ -328,7 +328,24 @@ def table_header(runs: list[dict], rows: list[dict]) -> str:
             + (f" {config['data_path']}" if config.get("data_path") else ""))
 
 
+# what every row of one table must share: the evaluated data, its prompts and the model's input size
+TABLE_SETTINGS = ("dataset", "data_path", "prompt", "n_points", "n_neg_points", "image_size")
+
+
+def check_shared_settings(runs: list[dict]) -> None:
+    """Refuse a table whose runs were evaluated on other data, with other prompts or at another size."""
+    first = runs[0]
+    for run in runs[1:]:
+        differing = [key for key in TABLE_SETTINGS if run["config"].get(key) != first["config"].get(key)]
+        if differing:
+            key = differing[0]
+            raise UserError(f"{run['variant'].label()} has -{key} {run['config'].get(key)}, "
+                            f"{first['variant'].label()} -{key} {first['config'].get(key)}: every row of a table "
+                            f"must be evaluated on the same data and prompts; tabulate them separately")
+
+
 def write_outputs(runs: list[dict], out_dir: Path) -> str:
+    check_shared_settings(runs)
     runs = labels_without_a_shared_lr(runs)
     rows = summarise(runs)
     mismatched = [row["label"] for row in rows if row["images"] != rows[0]["images"]]

@@ -157,3 +157,18 @@ def test_tradeoff_labels_of_rows_with_nearly_equal_dice_get_different_heights():
     offsets = label_offsets(rows)
     assert len({offsets[name] for name in ("decoder", "dora", "adalora")}) == 3
     assert offsets["adalora"] == (5, 5)  # the best row keeps the default place
+
+
+def test_a_table_of_runs_with_other_prompts_or_data_is_refused():
+    from engine.compare import Variant, check_shared_settings
+
+    def run(mode: str, **changes) -> dict:
+        config = {"dataset": "isic", "data_path": "D", "prompt": "box", "n_points": 1, "n_neg_points": 0,
+                  "image_size": 256, **changes}
+        return {"variant": Variant(mode), "config": config}
+
+    check_shared_settings([run("zero_shot"), run("sam_lora", lr=0.1)])  # other training settings are fine
+    with pytest.raises(UserError, match=r"sam_lora has -prompt click, zero_shot -prompt box"):
+        check_shared_settings([run("zero_shot"), run("sam_lora", prompt="click")])
+    with pytest.raises(UserError, match=r"-data_path E"):
+        check_shared_settings([run("zero_shot"), run("sam_full", data_path="E")])
