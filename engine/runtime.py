@@ -50,7 +50,10 @@ def start_runtime(device_choice: str) -> Runtime:
 
 
 def stop_runtime(runtime: Runtime) -> None:
+    """Every process waits for the others (rank 0 may still be evaluating) before the group is torn down:
+    a process leaving a gloo group early aborts at exit."""
     if runtime.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
