@@ -144,12 +144,15 @@ def _reuse_or_clear(run_dir: Path, saved: Optional[dict], requested: Config, ove
     return False
 
 
+def val_flag_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(Config) if VAL in f.metadata["scripts"]}
+
+
 def zero_shot_run(given: dict, name: str, ckpt_root: str, overwrite: bool = False) -> Path:
     """Evaluate the base net as it is (val.py without -weights) on the same data, split and prompts as the
     trained rows; its metrics go to <ckpt_root>/<name>_zero_shot/final_metrics.json."""
     run_dir = Path(ckpt_root) / f"{name}_{ZERO_SHOT}"
-    val_flags = {f.name for f in dataclasses.fields(Config) if VAL in f.metadata["scripts"]}
-    argv = _flag_argv({k: v for k, v in given.items() if k in val_flags and k != "max_train"})
+    argv = _flag_argv({k: v for k, v in given.items() if k in val_flag_names() and k != "max_train"})
     requested = dataclasses.replace(parse_args("val", argv)[0], mod=ZERO_SHOT)
     saved = json.loads((run_dir / FINAL).read_text())["config"] if run_is_finished(run_dir) else None
     if _reuse_or_clear(run_dir, saved, requested, overwrite):
@@ -217,15 +220,12 @@ def evaluated_on(run_dir: Path, images: int) -> Path:
     if path.is_file() and json.loads(path.read_text())["metrics"]["images"] == images:
         print(f"[compare] {run_dir.name}: evaluated on {images} images earlier, not evaluated again", flush=True)
         return path
-    if not run_is_finished(run_dir):
-        raise UserError(f"{run_dir} has no {FINAL}: it is not a finished train.py run")
     if (run_dir / CONFIG).is_file():
         argv = ["-weights", str(run_dir)]
     else:  # zero-shot: the base, with the settings it was evaluated with
         saved = json.loads((run_dir / FINAL).read_text())["config"]
         defaults = Config().to_json()
-        keep = {f.name for f in dataclasses.fields(Config) if VAL in f.metadata["scripts"]} - NOT_RESULTS - {
-            "max_eval", "weights", "mod"}
+        keep = val_flag_names() - NOT_RESULTS - {"max_eval", "weights", "mod"}
         argv = _flag_argv({k: v for k, v in saved.items() if k in keep and v != defaults.get(k) and v is not None})
     command = [sys.executable, str(REPO / "val.py"), *argv, "-max_eval", str(images), "-json", str(path)]
     print(f"[compare] {' '.join(command[1:])}", flush=True)
