@@ -24,20 +24,29 @@ def main(argv=None) -> None:
     unknown = [d for d in decoders if d not in ("full", "lora", "frozen")]
     if unknown:
         raise UserError(f"-decoders: unknown setting {unknown[0]}; choose from full, lora, frozen")
+    recomputes = config.grad_ckpt_options.split(",")
+    unknown = [r for r in recomputes if r not in ("0", "1", "mlp")]
+    if unknown:
+        raise UserError(f"-grad_ckpt_options: unknown setting {unknown[0]}; choose from 0, 1, mlp")
     configs = []
     for pair in config.nets.split(","):
         net, _, encoder = pair.partition(":")
         encoder = resolve_encoder(net, encoder or "default")
+        if "mlp" in recomputes and encoder != "tiny_vit":
+            raise UserError(f"-grad_ckpt_options mlp needs TinyViT nets (lite_medsam, mobile_sam), not {pair}")
         for amp in config.amp_options.split(","):
             if not config.no_plain:
                 configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=PLAIN, amp=amp,
                                                    grad_ckpt=False))
             for mod in parse_modes(config.mods):
                 for decoder in decoders if "decoder" in get_mode(mod).options else [config.decoder]:
-                    for ckpt in config.grad_ckpt_options.split(","):
-                        grad_ckpt = ckpt == "1" and get_mode(mod).trains_encoder
-                        configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=mod, amp=amp,
-                                                           decoder=decoder, grad_ckpt=grad_ckpt))
+                    for ckpt in recomputes:
+                        trains_encoder = get_mode(mod).trains_encoder
+                        row = dataclasses.replace(config, net=net, encoder=encoder, mod=mod, amp=amp, decoder=decoder,
+                                                  grad_ckpt=ckpt == "1" and trains_encoder,
+                                                  recompute_mlp=ckpt == "mlp" and trains_encoder)
+                        if row not in configs:  # a frozen encoder has nothing to recompute: one row
+                            configs.append(row)
     rows, reference = run_benchmark(configs, config.steps, config.warmup)
     machine = machine_description(resolve_device(config.device))
     table = (f"Machine: {machine}; float32 matmul reference {reference:.1f} GFLOP/s; image size "

@@ -39,7 +39,7 @@ FLAG_GROUPS = {
                   "adalora_tinit adalora_tfinal adalora_delta_t adalora_orth_reg",
     "data": "dataset data_path prompt n_points n_neg_points aug val_frac roi_crop rater_policy synthetic_size "
             "synthetic_classes slice_axis window labels cache_images max_train max_eval",
-    "training": "b lr weight_decay epochs sched seed amp grad_ckpt compile cache_embeddings device workers val_freq resume "
+    "training": "b lr weight_decay epochs sched seed amp grad_ckpt recompute_mlp compile cache_embeddings device workers val_freq resume "
                 "ckpt_steps",
     "output": "vis exp_name ckpt_root figs_root",
     "evaluation and export": "weights which split json save_pred images boxes prompt_from merge export onnx",
@@ -121,6 +121,8 @@ class Config:
                     "AVX512-BF16 or AMX; fp16 with a scaler on older CUDA; else fp32), none (fp32), bf16, or fp16 "
                     "with a gradient scaler (CUDA)", ALL, choices=("auto", "none", "bf16", "fp16"), val_may_change=True)
     grad_ckpt: bool = flag(False, "activation checkpointing of the image-encoder blocks")
+    recompute_mlp: bool = flag(False, "TinyViT encoders: rerun each MLP's fc1 in backward instead of keeping its "
+                               "4*dim output (less memory than the default, more time; -grad_ckpt saves more)")
     compile: bool = flag(False, "torch.compile the net for the training step (the first step compiles: minutes on "
                          "a CPU; benchmark.py reports the gain and compile_s)", (TRAIN, COMPARE, BENCH))
     cache_embeddings: bool = flag(False, "sam_decoder with -aug none: compute image embeddings once")
@@ -171,7 +173,8 @@ class Config:
     nets: str = flag("mobile_sam:tiny_vit,sam:vit_b,efficient_sam:vit_t,efficient_sam:vit_s",
                      "comma-separated net:encoder pairs", (BENCH,))
     amp_options: str = flag("none", "comma-separated -amp values to measure (auto records what it chose)", (BENCH,))
-    grad_ckpt_options: str = flag("0", "comma-separated 0/1: without/with activation checkpointing", (BENCH,))
+    grad_ckpt_options: str = flag("0", "comma-separated 0/1/mlp: without activation checkpointing, with it "
+                                  "(-grad_ckpt), or only the TinyViT MLP recompute (-recompute_mlp)", (BENCH,))
     no_plain: bool = flag(False, "skip the reference row (a plain PyTorch full fine-tuning step per net and -amp, "
                           "measured first) and the *_vs_plain ratios", (BENCH,))
     steps: int = flag(3, "timed training steps per row", (BENCH,))
@@ -266,8 +269,12 @@ def validate(config: Config, given: set[str], script: str) -> None:
         frozen = [m for m in MODES if not get_mode(m).trains_encoder]
         raise UserError(f"-cache_embeddings needs -mod {' or '.join(frozen)} and -aug none (the encoder must be "
                         f"frozen and the images unchanged between epochs)")
-    if config.grad_ckpt and not get_mode(config.mod).trains_encoder:
-        raise UserError(f"-grad_ckpt has nothing to save with -mod {config.mod} (the encoder runs without gradients)")
+    for recompute in ("grad_ckpt", "recompute_mlp"):
+        if getattr(config, recompute) and not get_mode(config.mod).trains_encoder:
+            raise UserError(f"-{recompute} has nothing to save with -mod {config.mod} (the encoder runs without "
+                            f"gradients)")
+    if config.recompute_mlp:
+        _check_recompute_mlp(config)
     if config.lora_conv:
         _check_net_declares_convs(config)
     resume_may_change = {"resume", "device", "workers", "ckpt_root", "figs_root"}
@@ -317,6 +324,16 @@ def _check_net_declares_convs(config: Config) -> None:
     if targets is None or not targets.convs:
         raise UserError(f"-lora_conv needs convolutions to adapt: -net {config.net} declares none "
                         f"(nets that do: {', '.join(_nets_with_convs())})")
+
+
+def _check_recompute_mlp(config: Config) -> None:
+    from models.registry import resolve_encoder
+
+    if config.grad_ckpt:
+        raise UserError("-recompute_mlp and -grad_ckpt: -grad_ckpt already recomputes whole blocks; keep one")
+    if resolve_encoder(config.net, config.encoder) != "tiny_vit":
+        raise UserError(f"-recompute_mlp needs a TinyViT encoder (-net lite_medsam or mobile_sam), not -net "
+                        f"{config.net}; use -grad_ckpt to save memory with it")
 
 
 def _nets_with_convs() -> list[str]:

@@ -19,6 +19,7 @@ from cfg import Config
 from common.tables import markdown_table
 from models.merge import merge_adapters
 from models.modes import get_mode
+from models.saved_tensors import without_recipes
 from models.segmenter import Prompts
 
 from .amp import resolve_amp
@@ -32,7 +33,7 @@ from .evaluation import autocast_context
 
 PLAIN = "plain_full"  # the -mod column of the reference row: a minimal full fine-tuning loop
 
-COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "compile", "compile_s", "image_size", "batch",
+COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "recompute_mlp", "compile", "compile_s", "image_size", "batch",
            "trainable_params", "total_params", "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
            "matmul_fraction", "time_vs_plain", "peak_vs_plain", "train_mem_vs_plain", "infer_base_ms",
            "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
@@ -81,7 +82,8 @@ def _timed(function, repeats: int, device: torch.device, warm: bool = True) -> f
 
 def measure_plain(config: Config, steps: int, warmup: int) -> dict:
     """The reference row: plain PyTorch full fine-tuning of the base net (forward under the row's autocast,
-    Dice+CE loss, backward, AdamW step) without any toolkit machinery, for the *_vs_plain ratios."""
+    Dice+CE loss, backward, AdamW step) without any toolkit machinery, for the *_vs_plain ratios: no mode,
+    and autograd keeps every activation it saves (the net's saved-tensor recipes are off)."""
     device = resolve_device(config.device)
     model = build_base(config, 1).to(device).train()
     images, masks, prompts = synthetic_batch(config, 1, device)
@@ -89,7 +91,7 @@ def measure_plain(config: Config, steps: int, warmup: int) -> dict:
     loss_fn = PerClassDiceCE()
 
     def train_step() -> None:
-        with autocast_context(config.amp, device):
+        with autocast_context(config.amp, device), without_recipes():
             logits, _ = model(images, prompts)
         logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear")
         loss_fn(logits, masks).backward()
@@ -108,7 +110,7 @@ def measure_plain(config: Config, steps: int, warmup: int) -> dict:
     gflop = counter.get_total_flops() / 1e9
     params = sum(p.numel() for p in model.parameters())
     chosen = resolve_amp(config.amp, device)
-    return {"net": config.net, "encoder": config.encoder, "mod": PLAIN, "decoder": "", "grad_ckpt": False,
+    return {"net": config.net, "encoder": config.encoder, "mod": PLAIN, "decoder": "", "grad_ckpt": False, "recompute_mlp": False,
             "amp": f"auto:{chosen}" if config.amp == "auto" else config.amp, "image_size": config.image_size,
             "batch": config.b, "trainable_params": params, "total_params": params,
             "sec_per_step": round(sec_per_step, 4), "images_per_s": round(config.b / sec_per_step, 2),
@@ -177,7 +179,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     amp = f"auto:{chosen}" if config.amp == "auto" else config.amp  # what auto chose on this machine
     decoder = config.decoder if "decoder" in get_mode(config.mod).options else ""
     return {"net": config.net, "encoder": config.encoder, "mod": config.mod, "decoder": decoder, "amp": amp,
-            "grad_ckpt": config.grad_ckpt, "compile": config.compile,
+            "grad_ckpt": config.grad_ckpt, "recompute_mlp": config.recompute_mlp, "compile": config.compile,
             "compile_s": round(first_step - sec_per_step, 1) if config.compile else None,
             "image_size": config.image_size, "batch": config.b, "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in base.parameters()),
             "ckpt_mb": round(ckpt_mb, 2), "sec_per_step": round(sec_per_step, 4),

@@ -36,8 +36,8 @@ def applies_to(flag_name: str, mode: str) -> bool:
     spec = get_mode(mode)
     if flag_name in mode_options():
         return flag_name in spec.options
-    if flag_name in ("grad_ckpt", "cache_embeddings"):
-        return spec.trains_encoder == (flag_name == "grad_ckpt")
+    if flag_name in ("grad_ckpt", "recompute_mlp", "cache_embeddings"):
+        return spec.trains_encoder == (flag_name != "cache_embeddings")
     return True
 
 

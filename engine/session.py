@@ -14,7 +14,7 @@ from common.packages import data_module
 from models import build_segmenter
 from models.packaged import file_sha256
 from models.registry import RANDOM, base_checkpoint
-from models.activation_checkpointing import enable_activation_checkpointing
+from models.activation_checkpointing import enable_activation_checkpointing, enable_mlp_recompute
 from models.modes import apply_mode, get_mode
 from models.modes.adaptation import Adaptation, parameter_table
 from models.segmenter import PromptableSegmenter
@@ -45,6 +45,8 @@ def build_model(config: Config, num_classes: int, total_steps: int, device: torc
     adaptation = apply_mode(model, config.mod, total_steps, **mode_options(config))
     if config.grad_ckpt:
         enable_activation_checkpointing(model)
+    if config.recompute_mlp:
+        enable_mlp_recompute(model)
     return model.to(device), adaptation
 
 

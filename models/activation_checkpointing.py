@@ -1,4 +1,5 @@
-"""Activation checkpointing of the image-encoder blocks declared by each encoder's AdaptTargets."""
+"""Recomputation in backward instead of storage: activation checkpointing of the image-encoder blocks declared
+by each encoder's AdaptTargets, or only the hidden activations of TinyViT's MLPs."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .saved_tensors import without_recipes
+from .tiny_vit import Mlp
 
 
 def enable_activation_checkpointing(segmenter: nn.Module) -> int:
@@ -56,3 +58,13 @@ def _checkpointed(block: nn.Module, forward):
             return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         return forward(*args, **kwargs)
     return run
+
+
+def enable_mlp_recompute(segmenter: nn.Module) -> int:
+    """Let every TinyViT MLP of the image encoder rerun fc1 in backward (Mlp.recompute_hidden); returns the count."""
+    mlps = [module for module in segmenter.image_encoder.modules() if isinstance(module, Mlp)]
+    if not mlps:
+        raise ValueError("the image encoder has no TinyViT MLP to recompute")
+    for mlp in mlps:
+        mlp.recompute_hidden = True
+    return len(mlps)

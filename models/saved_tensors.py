@@ -3,6 +3,7 @@ keeps anyway is stored as that recipe and recomputed when backward asks for it.
 
 Example: the MLP's fc2 (or its LoRA branch) saves its input gelu(h), while GELU already saves h; storing
 `gelu(h)` as "recompute from h" frees one 4*dim activation per token for the cost of one GELU in backward.
+A recipe may also rerun a matmul (TinyViT's optional MLP recompute): more memory freed, more time spent.
 Activation checkpointing recomputes whole blocks itself, so it switches this off inside them.
 """
 from __future__ import annotations
@@ -57,6 +58,13 @@ def cast_for_matmul(tensor: Tensor) -> Tensor:
     if not torch.is_autocast_enabled(device) or not tensor.is_floating_point():
         return tensor
     return tensor.to(torch.get_autocast_dtype(device))
+
+
+def same_autocast(device_type: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of contexts that re-enter the autocast state in force now: a recipe that reruns a matmul
+    in backward (outside the forward's autocast) must give the forward's dtypes and values."""
+    enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    return lambda: torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
-from .saved_tensors import cast_for_matmul, saved_as_recipe
+from .saved_tensors import cast_for_matmul, same_autocast, saved_as_recipe
 
 
 class Conv2dBN(nn.Module):
@@ -142,7 +142,12 @@ class WindowAttention(nn.Module):
 class Mlp(nn.Module):
     """LayerNorm -> fc1 -> GELU -> fc2. The normed input (cast once for autocast) and the GELU output, which
     fc1 / fc2 (or their LoRA branches) save for backward, are recomputed from what LayerNorm and GELU save
-    (saved_tensors)."""
+    (saved_tensors).
+
+    `recompute_hidden` (off by default; `enable_mlp_recompute`): fc1's output, which GELU saves, is not kept
+    either, so only LayerNorm's input remains. fc1 then runs once more in backward: rebuilt when fc2's
+    backward asks for the GELU output, and handed on to GELU's backward, which runs next.
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -150,14 +155,31 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.recompute_hidden = False
 
     def forward(self, x: Tensor) -> Tensor:
         normed = cast_for_matmul(self.norm(x))
-        dtype = normed.dtype  # the recipe must not hold `normed` itself
+        dtype = normed.dtype  # the recipes must not hold `normed` or `hidden` themselves
         with saved_as_recipe(normed, lambda: self.norm(x).to(dtype)):
             hidden = self.fc1(normed)
-        activated = self.act(hidden)
-        with saved_as_recipe(activated, lambda: self.act(hidden)):
+        if not self.recompute_hidden:
+            activated = self.act(hidden)
+            with saved_as_recipe(activated, lambda: self.act(hidden)):
+                return self.fc2(activated)
+        autocast_now = same_autocast(x.device.type)
+        rebuilt: dict[str, Tensor] = {}
+
+        def rebuild_hidden() -> Tensor:
+            with autocast_now():
+                return self.fc1(self.norm(x).to(dtype))
+
+        def rebuild_activated() -> Tensor:
+            rebuilt["hidden"] = rebuild_hidden()
+            return self.act(rebuilt["hidden"])
+
+        with saved_as_recipe(hidden, lambda: rebuilt.pop("hidden") if rebuilt else rebuild_hidden()):
+            activated = self.act(hidden)
+        with saved_as_recipe(activated, rebuild_activated):
             return self.fc2(activated)
 
 

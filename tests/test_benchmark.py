@@ -18,13 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 def test_benchmark_rows(tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run([sys.executable, "benchmark.py", "-nets", "mobile_sam", "-mods", "sam_lora,sam_adpt",
-                             "-image_size", "64", "-b", "2", "-steps", "1", "-out", str(out)], cwd=REPO,
+                             "-grad_ckpt_options", "0,mlp", "-image_size", "64", "-b", "2", "-steps", "1", "-out", str(out)], cwd=REPO,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out.with_suffix(".csv")) as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["mod"] for row in rows] == ["plain_full", "sam_lora", "sam_adpt"] and list(rows[0]) == list(COLUMNS)
-    plain, lora, adapter = rows
+    assert [row["mod"] for row in rows] == ["plain_full"] + ["sam_lora"] * 2 + ["sam_adpt"] * 2
+    assert list(rows[0]) == list(COLUMNS) and [row["recompute_mlp"] for row in rows] == ["False"] + ["False", "True"] * 2
+    plain, lora, lora_recomputed, adapter, _ = rows
+    assert lora_recomputed["trainable_params"] == lora["trainable_params"] and lora_recomputed["grad_ckpt"] == "False"
     assert int(plain["trainable_params"]) == int(plain["total_params"]) == int(lora["total_params"])
     assert plain["time_vs_plain"] == "" and float(lora["time_vs_plain"]) == pytest.approx(
         float(lora["sec_per_step"]) / float(plain["sec_per_step"]), abs=2e-3)

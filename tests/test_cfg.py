@@ -132,6 +132,9 @@ REJECTED = [
     ("train", ["-cache_embeddings", "-aug", "none"], "-cache_embeddings"),
     ("train", ["-cache_embeddings", "-mod", "sam_decoder"], "-cache_embeddings"),  # -aug light
     ("train", ["-grad_ckpt", "-mod", "sam_decoder"], "-grad_ckpt"),
+    ("train", ["-recompute_mlp", "-mod", "sam_decoder"], "-recompute_mlp"),
+    ("train", ["-recompute_mlp", "-grad_ckpt"], "-grad_ckpt"),
+    ("train", ["-recompute_mlp", "-net", "sam"], "-recompute_mlp"),
     ("train", ["-lora_conv", "-net", "sam"], "-lora_conv"),
     ("train", ["-lora_conv", "-net", "efficient_sam", "-mod", "sam_dora"], "-lora_conv"),
     # resume takes the run's own config
@@ -162,6 +165,7 @@ ACCEPTED = [
                "-adalora_tinit", "0.3", "-adalora_tfinal", "0.6"]),
     ("train", ["-mod", "sam_decoder", "-aug", "none", "-cache_embeddings"]),
     ("train", ["-mod", "sam_full", "-grad_ckpt"]),
+    ("train", ["-mod", "sam_lora", "-recompute_mlp", "-net", "mobile_sam"]),
     ("train", ["-rater_policy", "7"]),
     ("train", ["-rater_policy", "mean"]),
     ("train", ["-dataset", "isic", "-data_path", "data/isic"]),

@@ -19,7 +19,7 @@ from common.errors import UserError
 from engine.checkpoints import load_weights, save_weights
 from engine.trainer import keep_frozen_batchnorm_in_eval
 from models import build_segmenter
-from models.activation_checkpointing import enable_activation_checkpointing
+from models.activation_checkpointing import enable_activation_checkpointing, enable_mlp_recompute
 from models.merge import merge_adapters, official_state
 from models.modes import apply_mode, get_mode, mode_names
 from models.modes.adaptation import parameter_table
@@ -521,6 +521,36 @@ def test_activation_checkpointing_keeps_outputs_gradients_and_keys(net: str, mod
         torch.testing.assert_close(buffers[name], value, atol=1e-6, rtol=0, msg=name)
     with torch.no_grad():  # and in eval mode the wrapped blocks run as before
         assert forward(model.eval()).shape == plain_logits.shape
+
+
+@pytest.mark.parametrize("mode", ["sam_lora", "sam_adpt"])
+def test_mlp_recompute_reruns_fc1_in_backward_with_the_same_gradients(mode: str) -> None:
+    runs = {}
+    for recompute in (False, True):
+        model, _ = adapted("mobile_sam", mode)
+        perturb_(encoder_adapter_params(model).values())
+        if recompute:
+            assert enable_mlp_recompute(model) == 10  # every attention block of TinyViT-5M (stages 1-3: 2 + 6 + 2)
+        calls = []
+        model.image_encoder.layers[1].blocks[0].mlp.fc1.register_forward_hook(lambda *_: calls.append(1))
+        model.train()
+        keep_frozen_batchnorm_in_eval(model)
+        logits = forward(model)
+        task_loss(logits).backward()
+        runs[recompute] = (logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                           len(calls))
+    (plain_logits, plain_grads, plain_calls), (logits, grads, calls) = runs[False], runs[True]
+    assert (plain_calls, calls) == (1, 2)
+    torch.testing.assert_close(logits, plain_logits, atol=0, rtol=0)
+    assert set(grads) == set(plain_grads) and len(grads) > 0
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=0, rtol=0, msg=name)
+
+
+def test_mlp_recompute_needs_a_tiny_vit_encoder() -> None:
+    model, _ = adapted("sam-tiny", "sam_lora")
+    with pytest.raises(ValueError, match="no TinyViT MLP"):
+        enable_mlp_recompute(model)
 
 
 # ----------------------------------------------------------------------------- 7. merging

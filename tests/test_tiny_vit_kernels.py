@@ -115,15 +115,17 @@ def test_window_attention_in_bf16_on_cpu_keeps_the_math_kernel_and_the_numbers()
     torch.testing.assert_close(out.float(), attention_reference(attention, x), rtol=0.05, atol=0.05)
 
 
-def lora_mlp() -> tuple[Mlp, torch.Tensor]:
+def lora_mlp(recompute_hidden: bool = False) -> tuple[Mlp, torch.Tensor]:
     """A frozen TinyViT MLP with LoRA on fc1 and fc2, as -mod sam_lora builds it, and an input needing grad."""
     torch.manual_seed(0)
     mlp = inject_adapter_in_model(LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False), Mlp(16, 64))
+    mlp.recompute_hidden = recompute_hidden
     return mlp, torch.randn(3, 5, 16, requires_grad=True)
 
 
-def test_saved_recipes_give_the_same_output_and_gradients_as_saving_the_tensors():
-    mlp, x = lora_mlp()
+@pytest.mark.parametrize("recompute_hidden", [False, True])
+def test_saved_recipes_give_the_same_output_and_gradients_as_saving_the_tensors(recompute_hidden):
+    mlp, x = lora_mlp(recompute_hidden)
     results = []
     for context in (contextlib.nullcontext, without_recipes):
         x.grad = None
@@ -139,19 +141,48 @@ def test_saved_recipes_give_the_same_output_and_gradients_as_saving_the_tensors(
 
 
 @pytest.mark.parametrize("recipes", [True, False])
-def test_the_gelu_output_is_not_kept_for_backward_when_stored_as_a_recipe(recipes):
-    mlp, x = lora_mlp()
-    kept = []
-    mlp.act.register_forward_hook(lambda module, args, out: kept.append(weakref.ref(out)))
+@pytest.mark.parametrize("recompute_hidden", [False, True])
+def test_the_hidden_activations_are_not_kept_for_backward_when_stored_as_recipes(recipes, recompute_hidden):
+    mlp, x = lora_mlp(recompute_hidden)
+    kept = {}
+
+    def keep(layer: str):
+        def hook(module, args, out) -> None:
+            kept[layer] = weakref.ref(out)
+        return hook
+
+    for layer in ("fc1", "act"):
+        mlp.get_submodule(layer).register_forward_hook(keep(layer))
     with contextlib.nullcontext() if recipes else without_recipes():
         out = mlp(x)
     gc.collect()
-    assert (kept[0]() is None) == recipes  # stored as a recipe, the 4*dim activation is freed after forward
+    # stored as recipes, the 4*dim activations are freed after forward: GELU's output always, fc1's on request
+    assert (kept["act"]() is None) == recipes
+    assert (kept["fc1"]() is None) == (recipes and recompute_hidden)
     out.sum().backward()
 
 
-def test_under_bf16_autocast_the_normed_input_is_cast_once_and_kept_as_a_recipe():
-    mlp, x = lora_mlp()
+def test_the_hidden_recompute_gives_full_fine_tuning_the_same_gradients_and_reruns_fc1_once():
+    torch.manual_seed(0)
+    mlp, x = Mlp(16, 64), torch.randn(3, 5, 16, requires_grad=True)
+    mlp.recompute_hidden = True
+    fc1_calls, results = [], []
+    mlp.fc1.register_forward_hook(lambda *args: fc1_calls.append(torch.is_grad_enabled()))
+    for context in (contextlib.nullcontext, without_recipes):
+        x.grad = None
+        mlp.zero_grad()
+        with context():
+            out = mlp(x)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()])
+    assert fc1_calls == [True, False, True]  # with recipes: forward, one rerun in backward; without: forward
+    for value, reference in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recompute_hidden", [False, True])
+def test_under_bf16_autocast_the_normed_input_is_cast_once_and_kept_as_a_recipe(recompute_hidden):
+    mlp, x = lora_mlp(recompute_hidden)  # the rerun of fc1 in backward re-enters the forward's autocast
     take_autocast_inputs_as_given(mlp)
     branch_inputs, results = [], []
     mlp.fc1.lora_A["default"].register_forward_hook(lambda module, args, out: branch_inputs.append(args[0]))
