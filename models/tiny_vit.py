@@ -101,10 +101,12 @@ class WindowAttention(nn.Module):
     `qkv` is laid out per head as [q | k | v] (B x N x heads x 3*head_dim). The bias for tokens p, q is
     `attention_biases[:, |dy|*ws + |dx|]`; it is gathered at every forward, so it never goes stale.
 
-    Kernel choice (CPU, 2 threads, forward + backward of these window shapes): torch takes its fused
-    flash kernel only with a 4-D mask and a mask that needs no gradient. In float32 that kernel was
-    1.4-2.4x faster than the math path and keeps no attention matrix for backward; in bf16 it was
-    1.4-3x slower, so bf16 on a CPU passes a 3-D mask and keeps the math path.
+    Kernel choice (CPU, 2 threads, these window shapes): torch takes its fused flash kernel only with a
+    4-D mask and a mask that needs no gradient. In float32 that kernel was 1.4-2.4x faster than the math
+    path for forward + backward and keeps no attention matrix for backward. In bf16 it was 1.4-3x slower
+    for forward + backward, but 4-5x faster for a forward without gradient (LiteMedSAM's first stage at
+    256 px, batch 4: 78 against 374 ms); so bf16 on a CPU passes a 3-D mask (the math path) only when
+    backward will need the attention.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int):
@@ -131,7 +133,7 @@ class WindowAttention(nn.Module):
             qkv = self.qkv(normed).view(windows, tokens, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=-1)
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        if q.dtype == torch.float32 or q.device.type != "cpu":
+        if q.dtype == torch.float32 or q.device.type != "cpu" or not q.requires_grad:
             bias = bias[None]  # 4-D: the fused kernel (class docstring)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         merged = attended.transpose(1, 2).reshape(windows, tokens, dim)

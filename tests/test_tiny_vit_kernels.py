@@ -105,14 +105,16 @@ def test_window_attention_takes_the_fused_kernel_in_float32_on_cpu_when_biases_a
     assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in kernels
 
 
-def test_window_attention_in_bf16_on_cpu_keeps_the_math_kernel_and_the_numbers():
+@pytest.mark.parametrize("training", [True, False])
+def test_window_attention_in_bf16_on_cpu_takes_the_math_kernel_only_for_backward(training):
     attention = window_attention().requires_grad_(False)
-    x = torch.randn(6, 49, 32)
+    x = torch.randn(6, 49, 32, requires_grad=training)
     with torch.autocast("cpu", dtype=torch.bfloat16), profile() as trace:
         out = attention(x)
     kernels = {event.key for event in trace.key_averages()}
-    assert "aten::_scaled_dot_product_attention_math" in kernels
-    torch.testing.assert_close(out.float(), attention_reference(attention, x), rtol=0.05, atol=0.05)
+    fused = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert ("aten::_scaled_dot_product_attention_math" in kernels) == training and (fused in kernels) != training
+    torch.testing.assert_close(out.float(), attention_reference(attention, x.detach()), rtol=0.05, atol=0.05)
 
 
 def lora_mlp(recompute_hidden: bool = False) -> tuple[Mlp, torch.Tensor]:
