@@ -126,9 +126,14 @@ def lora_mlp(recompute_hidden: bool = False) -> tuple[Mlp, torch.Tensor]:
 
 
 @pytest.mark.parametrize("recompute_hidden", [False, True])
-def test_saved_recipes_give_the_same_output_and_gradients_as_saving_the_tensors(recompute_hidden):
+@pytest.mark.parametrize("adapted", [True, False])  # LoRA on frozen linears, or full fine-tuning
+def test_saved_recipes_give_the_same_output_and_gradients_as_saving_the_tensors(recompute_hidden, adapted):
     mlp, x = lora_mlp(recompute_hidden)
-    results = []
+    if not adapted:
+        mlp = Mlp(16, 64)
+        mlp.recompute_hidden = recompute_hidden
+    fc1_calls, results = [], []
+    mlp.fc1.register_forward_hook(lambda *args: fc1_calls.append(torch.is_grad_enabled()))
     for context in (contextlib.nullcontext, without_recipes):
         x.grad = None
         mlp.zero_grad()
@@ -137,7 +142,8 @@ def test_saved_recipes_give_the_same_output_and_gradients_as_saving_the_tensors(
         out.square().sum().backward()
         trained = [p.grad.clone() for p in mlp.parameters() if p.requires_grad]
         results.append([out.detach(), x.grad.clone()] + trained)
-    assert len(results[0]) == 2 + 4  # output, input gradient, two LoRA pairs
+    assert len(results[0]) == (2 + 4 if adapted else 2 + 6)  # output, input gradient, LoRA pairs or all weights
+    assert fc1_calls == [True] + [False] * recompute_hidden + [True]  # the rerun in backward runs fc1 once
     for value, reference in zip(*results):
         torch.testing.assert_close(value, reference, rtol=0, atol=0)
 
@@ -162,24 +168,6 @@ def test_the_hidden_activations_are_not_kept_for_backward_when_stored_as_recipes
     assert (kept["act"]() is None) == recipes
     assert (kept["fc1"]() is None) == (recipes and recompute_hidden)
     out.sum().backward()
-
-
-def test_the_hidden_recompute_gives_full_fine_tuning_the_same_gradients_and_reruns_fc1_once():
-    torch.manual_seed(0)
-    mlp, x = Mlp(16, 64), torch.randn(3, 5, 16, requires_grad=True)
-    mlp.recompute_hidden = True
-    fc1_calls, results = [], []
-    mlp.fc1.register_forward_hook(lambda *args: fc1_calls.append(torch.is_grad_enabled()))
-    for context in (contextlib.nullcontext, without_recipes):
-        x.grad = None
-        mlp.zero_grad()
-        with context():
-            out = mlp(x)
-        out.square().sum().backward()
-        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()])
-    assert fc1_calls == [True, False, True]  # with recipes: forward, one rerun in backward; without: forward
-    for value, reference in zip(*results):
-        torch.testing.assert_close(value, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("recompute_hidden", [False, True])
