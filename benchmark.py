@@ -39,9 +39,9 @@ def main(argv=None) -> None:
                 configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=PLAIN, amp=amp,
                                                    grad_ckpt=False))
             for mod in parse_modes(config.mods):
+                trains_encoder = get_mode(mod).trains_encoder
                 for decoder in decoders if "decoder" in get_mode(mod).options else [config.decoder]:
                     for ckpt in recomputes:
-                        trains_encoder = get_mode(mod).trains_encoder
                         row = dataclasses.replace(config, net=net, encoder=encoder, mod=mod, amp=amp, decoder=decoder,
                                                   grad_ckpt=ckpt == "1" and trains_encoder,
                                                   recompute_mlp=ckpt == "mlp" and trains_encoder)
