@@ -161,7 +161,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         normed = cast_for_matmul(self.norm(x))
-        dtype = normed.dtype  # the recipes must not hold `normed` or `hidden` themselves
+        dtype = normed.dtype  # the recipes must not hold `normed` itself (nor `hidden` when it is recomputed)
         with saved_as_recipe(normed, lambda: self.norm(x).to(dtype)):
             hidden = self.fc1(normed)
         if not self.recompute_hidden:
