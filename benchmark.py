@@ -1,4 +1,4 @@
-"""Measure every net x mode (x -amp, x -grad_ckpt) in one run: a markdown table plus CSV.
+"""Measure every net x mode (x -amp, x -grad_ckpt, x -host_memory) in one run: a markdown table plus CSV.
 
     python benchmark.py -nets sam:vit_b,mobile_sam:tiny_vit -mods sam_lora,sam_adpt -image_size 256 -b 2
 """
@@ -8,6 +8,7 @@ from common.cli import run_cli
 def main(argv=None) -> None:
     import csv
     import dataclasses
+    import itertools
     from pathlib import Path
 
     from cfg import parse_args, parse_modes
@@ -37,14 +38,15 @@ def main(argv=None) -> None:
         for amp in config.amp_options.split(","):
             if not config.no_plain:
                 configs.append(dataclasses.replace(config, net=net, encoder=encoder, mod=PLAIN, amp=amp,
-                                                   grad_ckpt=False))
+                                                   grad_ckpt=False, host_memory="system"))
             for mod in parse_modes(config.mods):
                 trains_encoder = get_mode(mod).trains_encoder
                 for decoder in decoders if "decoder" in get_mode(mod).options else [config.decoder]:
-                    for ckpt in recomputes:
+                    for ckpt, host_memory in itertools.product(recomputes, config.host_memory_options.split(",")):
                         row = dataclasses.replace(config, net=net, encoder=encoder, mod=mod, amp=amp, decoder=decoder,
                                                   grad_ckpt=ckpt == "1" and trains_encoder,
-                                                  recompute_mlp=ckpt == "mlp" and trains_encoder)
+                                                  recompute_mlp=ckpt == "mlp" and trains_encoder,
+                                                  host_memory=host_memory)
                         if row not in configs:  # a frozen encoder has nothing to recompute: one row
                             configs.append(row)
     rows, reference = run_benchmark(configs, config.steps, config.warmup)

@@ -39,12 +39,12 @@ FLAG_GROUPS = {
                   "adalora_tinit adalora_tfinal adalora_delta_t adalora_orth_reg",
     "data": "dataset data_path prompt n_points n_neg_points aug val_frac roi_crop rater_policy synthetic_size "
             "synthetic_classes slice_axis window labels cache_images max_train max_eval",
-    "training": "b lr weight_decay epochs sched seed amp grad_ckpt recompute_mlp compile cache_embeddings device workers val_freq resume "
-                "ckpt_steps",
+    "training": "b lr weight_decay epochs sched seed amp grad_ckpt recompute_mlp compile cache_embeddings device host_memory "
+                "workers val_freq resume ckpt_steps",
     "output": "vis exp_name ckpt_root figs_root",
     "evaluation and export": "weights which split json save_pred images boxes prompt_from merge export onnx",
-    "compare and benchmark": "mods seeds runs decoders ranks train_sizes lrs overwrite nets amp_options grad_ckpt_options no_plain "
-                             "steps warmup out",
+    "compare and benchmark": "mods seeds runs decoders ranks train_sizes lrs overwrite nets amp_options grad_ckpt_options "
+                             "host_memory_options no_plain steps warmup out",
 }
 FLAG_GROUP = {name: group for group, names in FLAG_GROUPS.items() for name in names.split()}
 EXAMPLES = {
@@ -128,6 +128,9 @@ class Config:
     cache_embeddings: bool = flag(False, "sam_decoder with -aug none: compute image embeddings once")
     # runtime and outputs
     device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"), val_may_change=True)
+    host_memory: str = flag("reuse", "CPU memory for tensors: reuse (glibc malloc keeps freed memory instead of "
+                            "mapping every large tensor afresh: faster steps, higher peak) or system (the C "
+                            "library's defaults)", ALL, choices=("reuse", "system"), val_may_change=True)
     workers: int = flag(0, "data-loading worker processes", ALL, val_may_change=True)
     val_freq: int = flag(1, "validate every N epochs and keep the best weights; 0: never validate, the final "
                               "weights are tested")
@@ -175,6 +178,8 @@ class Config:
     amp_options: str = flag("none", "comma-separated -amp values to measure (auto records what it chose)", (BENCH,))
     grad_ckpt_options: str = flag("0", "comma-separated 0/1/mlp: without activation checkpointing, with it "
                                   "(-grad_ckpt), or only the TinyViT MLP recompute (-recompute_mlp)", (BENCH,))
+    host_memory_options: str = flag("reuse", "comma-separated -host_memory values to measure the toolkit's rows "
+                                    "with (the plain row always runs with the C library's defaults)", (BENCH,))
     no_plain: bool = flag(False, "skip the reference row (a plain PyTorch full fine-tuning step per net and -amp, "
                           "measured first) and the *_vs_plain ratios", (BENCH,))
     steps: int = flag(3, "timed training steps per row", (BENCH,))
@@ -247,6 +252,9 @@ def validate(config: Config, given: set[str], script: str) -> None:
     bad_amp = [v for v in config.amp_options.split(",") if v not in ("auto", "none", "bf16", "fp16")]
     if script == BENCH and bad_amp:
         raise UserError(f"-amp_options takes auto, none, bf16 or fp16, got {','.join(bad_amp)}")
+    bad_host = [v for v in config.host_memory_options.split(",") if v not in ("reuse", "system")]
+    if script == BENCH and bad_host:
+        raise UserError(f"-host_memory_options takes reuse or system, got {','.join(bad_host)}")
     if script == BENCH and (config.steps <= 0 or config.warmup < 0):
         raise UserError("-steps must be positive and -warmup not negative")
     for name in ("mid_dim", "out_size", "max_train", "max_eval"):

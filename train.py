@@ -36,7 +36,7 @@ def main(argv=None) -> None:
             config = dataclasses.replace(config, sam_ckpt=base["path"])
         check_base_identity(base, config)
         splits = checkpoints.load_splits(config.resume)
-    runtime = start_runtime(config.device)
+    runtime = start_runtime(config.device, config.host_memory)
     run_dir, figs_dir = (Path(config.resume), Path(config.figs_root) / Path(config.resume).name) if config.resume \
         else run_folders(config)
     if not config.resume and (run_dir / checkpoints.LAST_STATE).exists():

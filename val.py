@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     target = resolve_target(args, given)
     config = target.config
     images = prediction_set(target) if config.images else None
-    runtime = start_runtime(config.device)
+    runtime = start_runtime(config.device, config.host_memory)
     model = load_target(target, runtime.device)
     if images:
         dataset, volumes = images

@@ -1,4 +1,4 @@
-"""Speed, memory and cost of every (net, mode, amp, activation checkpointing) combination.
+"""Speed, memory and cost of every (net, mode, amp, activation checkpointing, host memory) combination.
 
 Each combination is measured in a fresh child process, so peak memory belongs to it alone; the
 matmul reference that the achieved GFLOP/s are compared with is measured in the same run.
@@ -24,6 +24,7 @@ from models.segmenter import Prompts
 
 from .amp import resolve_amp
 from .checkpoints import save_weights
+from .host_memory import set_host_memory
 from .loss import PerClassDiceCE
 from .optim import adamw
 from .runtime import PeakMemory, resolve_device, synchronize
@@ -33,7 +34,7 @@ from .evaluation import autocast_context
 
 PLAIN = "plain_full"  # the -mod column of the reference row: a minimal full fine-tuning loop
 
-COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "recompute_mlp", "compile", "compile_s", "image_size", "batch",
+COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "recompute_mlp", "host_memory", "compile", "compile_s", "image_size", "batch",
            "trainable_params", "total_params", "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
            "matmul_fraction", "time_vs_plain", "peak_vs_plain", "train_mem_vs_plain", "infer_base_ms",
            "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
@@ -195,7 +196,9 @@ def _measure_in_child(args: tuple[dict, int, int, int]) -> dict:
     values, steps, warmup, threads = args
     torch.set_num_threads(threads)
     config = Config(**values)
-    return (measure_plain if config.mod == PLAIN else measure)(config, steps, warmup)
+    host_memory, _ = set_host_memory(config.host_memory)  # each row runs in a fresh process
+    row = (measure_plain if config.mod == PLAIN else measure)(config, steps, warmup)
+    return {**row, "host_memory": host_memory}
 
 
 def run_benchmark(configs: list[Config], steps: int, warmup: int) -> list[dict]:

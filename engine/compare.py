@@ -118,7 +118,7 @@ def _flag_argv(values: dict) -> list[str]:
 
 
 # flags that do not change a run's results: a finished run is reused whatever they were
-NOT_RESULTS = {"device", "workers", "ckpt_root", "figs_root", "exp_name", "resume", "vis", "ckpt_steps",
+NOT_RESULTS = {"device", "host_memory", "workers", "ckpt_root", "figs_root", "exp_name", "resume", "vis", "ckpt_steps",
                "cache_images", "json", "save_pred", "split", "which"}
 
 

@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 from common.errors import UserError
 
+from .host_memory import set_host_memory
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -34,10 +36,14 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def start_runtime(device_choice: str) -> Runtime:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+def start_runtime(device_choice: str, host_memory: str) -> Runtime:
+    """Apply the -host_memory policy (the main process says which is in force) and join the torchrun
+    process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_choice)
+    _, host_line = set_host_memory(host_memory)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(host_line)
     if world_size == 1:
         return Runtime(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 def test_benchmark_rows(tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run([sys.executable, "benchmark.py", "-nets", "mobile_sam", "-mods", "sam_lora,sam_adpt",
-                             "-grad_ckpt_options", "0,mlp", "-image_size", "64", "-b", "2", "-steps", "1", "-out", str(out)], cwd=REPO,
+                             "-grad_ckpt_options", "0,mlp", "-host_memory_options", "reuse,system", "-image_size", "64", "-b", "2", "-steps", "1", "-out", str(out)], cwd=REPO,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out.with_suffix(".csv")) as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["mod"] for row in rows] == ["plain_full"] + ["sam_lora"] * 2 + ["sam_adpt"] * 2
-    assert list(rows[0]) == list(COLUMNS) and [row["recompute_mlp"] for row in rows] == ["False"] + ["False", "True"] * 2
-    plain, lora, lora_recomputed, adapter, _ = rows
+    assert [row["mod"] for row in rows] == ["plain_full"] + ["sam_lora"] * 4 + ["sam_adpt"] * 4
+    assert list(rows[0]) == list(COLUMNS)
+    assert [row["recompute_mlp"] for row in rows] == ["False"] + ["False", "False", "True", "True"] * 2
+    reuse = "reuse" if platform.libc_ver()[0] == "glibc" else "system"  # the plain row: the C library's defaults
+    assert [row["host_memory"] for row in rows] == ["system"] + [reuse, "system"] * 4
+    plain, lora, _, lora_recomputed, _, adapter, *_ = rows
     assert lora_recomputed["trainable_params"] == lora["trainable_params"] and lora_recomputed["grad_ckpt"] == "False"
     assert int(plain["trainable_params"]) == int(plain["total_params"]) == int(lora["total_params"])
     assert plain["time_vs_plain"] == "" and float(lora["time_vs_plain"]) == pytest.approx(

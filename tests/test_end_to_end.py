@@ -74,6 +74,7 @@ def test_training_improves_dice_and_val_reproduces_it(tmp_path):
     result = run_script("val.py", "-weights", str(run_dir), "-which", "best", "-split", "test", "-json", str(out),
                         "-save_pred", str(tmp_path / "pred"), tmp=tmp_path)
     assert "dice_mean" in result.stdout and "original resolution" in result.stdout
+    assert "host memory: " in result.stdout  # the -host_memory policy in force, said once
     final = json.loads((run_dir / "final_metrics.json").read_text())["metrics"]
     assert json.loads(out.read_text())["metrics"]["dice_mean"] == pytest.approx(final["dice_mean"], abs=1e-6)
     predictions = sorted(p.name for p in (tmp_path / "pred").iterdir())
