@@ -4,7 +4,7 @@
 #   make test   the whole test suite (what .ci/run runs)
 #   make isic2017   the README's ISIC-2017 comparison from the pretrained LiteMedSAM, box and click tables
 #               (about 2 hours on 2 CPU cores); make isic2017-sweeps adds the LoRA-rank, training-size and
-#               learning-rate sweeps; make isic2017-600 the tables on all 600 test images (about 2.5 hours more)
+#               learning-rate sweeps; make isic2017-600 the tables on all 600 test images (about 3 hours more)
 PYTHON ?= python3
 export NO_ALBUMENTATIONS_UPDATE = 1
 STAMP := .install-stamp
@@ -68,10 +68,12 @@ isic2017-600: isic2017-sweeps
 		-exp_name isic_box_n256_sam_lora_dec-lora_lr5e-3_seed0
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_600 -runs '$(B)_lrs_sam_lora_dec-lora_lr5e-3_seed0,$(B)_lrs_sam_full_lr1e-4_seed0,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0,$(B)_n256_*'
-	for run in $(B)_sam_dora_dec-full_seed0 $(B)_sam_dora_dec-lora_seed0; do \
+	for run in $(B)_sam_dora_dec-full_seed0 $(B)_sam_dora_dec-lora_seed0 $(C)_sam_dora_dec-full_seed0 \
+		$(C)_sam_dora_dec-lora_seed0; do \
 		$(PYTHON) val.py -weights $$run -merge -max_eval 600 -json $$run/test_600.json; done  # DoRA merged: 6x faster
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_main_600 -runs '$(B)_zero_shot,$(B)_sam_*_seed0'
-	for name in isic_click_600 isic_box_600 isic_box_main_600; do cp figs/compare_$$name/table.md figs/readme/$${name}_table.md; \
+	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_main_600 -runs '$(C)_zero_shot,$(C)_sam_*_seed0'
+	for name in isic_click_600 isic_box_600 isic_box_main_600 isic_click_main_600; do cp figs/compare_$$name/table.md figs/readme/$${name}_table.md; \
 		cp figs/compare_$$name/tradeoff.png figs/readme/$${name}_tradeoff.png; done
 
 test: $(STAMP)
