@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from common.errors import UserError
+from engine.host_memory import POLICIES as HOST_MEMORY_POLICIES
 from models.modes.registry import get_mode, mode_names, mode_options
 
 TRAIN, VAL, COMPARE, BENCH = "train", "val", "compare", "benchmark"
@@ -130,7 +131,7 @@ class Config:
     device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"), val_may_change=True)
     host_memory: str = flag("reuse", "CPU memory for tensors: reuse (glibc malloc keeps freed memory instead of "
                             "mapping every large tensor afresh: faster steps, higher peak) or system (the C "
-                            "library's defaults)", ALL, choices=("reuse", "system"), val_may_change=True)
+                            "library's defaults)", ALL, choices=HOST_MEMORY_POLICIES, val_may_change=True)
     workers: int = flag(0, "data-loading worker processes", ALL, val_may_change=True)
     val_freq: int = flag(1, "validate every N epochs and keep the best weights; 0: never validate, the final "
                               "weights are tested")
@@ -252,7 +253,7 @@ def validate(config: Config, given: set[str], script: str) -> None:
     bad_amp = [v for v in config.amp_options.split(",") if v not in ("auto", "none", "bf16", "fp16")]
     if script == BENCH and bad_amp:
         raise UserError(f"-amp_options takes auto, none, bf16 or fp16, got {','.join(bad_amp)}")
-    bad_host = [v for v in config.host_memory_options.split(",") if v not in ("reuse", "system")]
+    bad_host = [v for v in config.host_memory_options.split(",") if v not in HOST_MEMORY_POLICIES]
     if script == BENCH and bad_host:
         raise UserError(f"-host_memory_options takes reuse or system, got {','.join(bad_host)}")
     if script == BENCH and (config.steps <= 0 or config.warmup < 0):
