@@ -64,7 +64,7 @@ isic2017-600: isic2017-sweeps
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_lora -decoder lora -lr 5e-3 \
 		-exp_name isic_click_n256_sam_lora_dec-lora_lr5e-3_seed0
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_full -lr 1e-4 -exp_name isic_click_n256_sam_full_lr1e-4_seed0
-	for lr in 2e-3 1e-3; do $(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_lora -decoder lora -lr $$lr \
+	for lr in 2e-3 1e-3 5e-4; do $(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_lora -decoder lora -lr $$lr \
 		-exp_name isic_click_n256_sam_lora_dec-lora_lr$${lr}_seed0; done  # rates for the larger budget
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_full -lr 2e-4 -exp_name isic_click_n256_sam_full_lr2e-4_seed0
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_lora -decoder lora -lr 5e-3 \
