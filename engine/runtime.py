@@ -37,13 +37,18 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def start_runtime(device_choice: str, host_memory: str) -> Runtime:
-    """Apply the -host_memory policy (the main process says which is in force) and join the torchrun
-    process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_choice)
+    """Join the torchrun process group when launched by torchrun, and apply the -host_memory policy (the
+    main process says which is in force)."""
+    runtime = _join_process_group(resolve_device(device_choice))
     _, host_line = set_host_memory(host_memory)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if runtime.is_main:
         print(host_line)
+    return runtime
+
+
+def _join_process_group(device: torch.device) -> Runtime:
+    """This process's Runtime; under torchrun it joins the group (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Runtime(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
