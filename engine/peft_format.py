@@ -15,6 +15,7 @@ Modes without a peft tuner (sam_adpt, sam_full, sam_decoder) write no peft folde
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -54,8 +55,12 @@ def peft_state(adaptation: Adaptation) -> tuple[dict, object]:
     try:
         # named as PeftModel holds them (base_model.model.<module>...): AdaLoRA's rank-pattern pruning looks
         # its tensors up under those names
-        tensors = get_peft_model_state_dict(_AsPeftModel(tuner), adapter_name="default",
-                                            save_embedding_layers=False)
+        with warnings.catch_warnings():
+            # AdaLoRA can prune a layer to rank 0, and its tensors are then zero-sized; peft warns about such
+            # tensors as if they were unsharded DeepSpeed/FSDP parameters, which nothing here uses
+            warnings.filterwarnings("ignore", message=".*LoRA tensor.*have invalid shape.*")
+            tensors = get_peft_model_state_dict(_AsPeftModel(tuner), adapter_name="default",
+                                                save_embedding_layers=False)
         config = tuner.peft_config["default"]
     finally:
         tuner.peft_config["default"] = original

@@ -60,3 +60,35 @@ def test_modes_without_a_peft_tuner_write_no_peft_folder(tmp_path):
     model, adaptation = adapted("sam-tiny", "sam_adpt")
     assert write_peft_folder(tmp_path / "peft", model, adaptation) is None
     assert not (tmp_path / "peft").exists()
+
+
+# peft's loader warns that AdaLoRA's rank-pattern keys (`<module>.lora_E`) match no module name, for peft's own
+# AdaLoRA checkpoints too; it still resizes the layers by the pattern, which is what this test checks
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match")
+def test_an_adalora_layer_pruned_to_rank_zero_is_written_without_warnings_and_loads(tmp_path):
+    """AdaLoRA may prune a layer to rank 0: its tensors are then zero-sized, which peft reads as unsharded."""
+    import warnings
+
+    from peft import PeftModel
+
+    model, adaptation = adapted("sam-tiny", "sam_adalora")
+    _perturb(model)
+    budget = adaptation.budget
+    pruned = budget.layer_names[0]
+    state = budget.state_dict()
+    state["rank_pattern"] = {name: [name != pruned] * values.shape[0]
+                             for name, values in zip(budget.layer_names, budget.values)}
+    adaptation.load_state_dict(state)
+    budget.hold_pattern()  # the pruned layer's singular values are now zero
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = write_peft_folder(tmp_path / "peft", model, adaptation)
+    weights = load_file(folder / ADAPTER_WEIGHTS)
+    assert weights["base_model.model." + pruned.replace(".default", "").replace("lora_E", "lora_A")].shape[0] == 0
+
+    fresh = build("sam-tiny").eval()
+    loaded = PeftModel.from_pretrained(fresh.image_encoder, str(folder)).eval()
+    images = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        assert torch.allclose(loaded(model.normalise(images, None)), model.encode(images), atol=1e-5)
