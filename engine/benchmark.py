@@ -11,6 +11,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -119,22 +120,21 @@ def measure_plain(config: Config, steps: int, warmup: int) -> dict:
             "train_gflops_per_s": round(gflop / sec_per_step, 2)}
 
 
-def measure(config: Config, steps: int, warmup: int) -> dict:
-    """One row: train `steps` steps after `warmup`, then time inference of base, unmerged and merged models.
+def training_step(config: Config, batch: tuple, total_steps: int) -> tuple[torch.nn.Module, object, list, Callable]:
+    """The trainer's step on `batch` (synthetic_batch's images, masks, prompts).
 
-    peak_mem_mb is the whole process (CUDA: allocated tensors; CPU: resident set, which includes the
-    libraries); train_mem_mb is what training adds on top of the built model, batch and optimizer."""
+    Returns the model in training state, its adaptation, the trainable parameters and step(net=model): forward
+    under the config's autocast, Dice+CE plus the mode's extra loss, backward, AdamW, the mode's after-backward
+    hook. `net` may be a compiled wrapper of the model."""
     device = resolve_device(config.device)
-    model, adaptation = build_model(config, 1, total_steps=steps + warmup + 10, device=device, verbose=False)
-    images, masks, prompts = synthetic_batch(config, 1, device)
+    model, adaptation = build_model(config, 1, total_steps=total_steps, device=device, verbose=False)
+    images, masks, prompts = batch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=1e-5, weight_decay=1e-2)  # the trainer's optimizer (torch's default decay)
     loss_fn = PerClassDiceCE()
     step_counter = iter(range(1, 10 ** 9))
 
-    net = torch.compile(model) if config.compile else model
-
-    def train_step(net: torch.nn.Module = net) -> None:
+    def step(net: torch.nn.Module = model) -> None:
         with autocast_context(config.amp, device):
             logits, _ = net(images, prompts)
         logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear")
@@ -147,18 +147,31 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
 
     model.train()
     keep_frozen_batchnorm_in_eval(model)  # as the trainer does
+    return model, adaptation, params, step
+
+
+def measure(config: Config, steps: int, warmup: int) -> dict:
+    """One row: train `steps` steps after `warmup`, then time inference of base, unmerged and merged models.
+
+    peak_mem_mb is the whole process (CUDA: allocated tensors; CPU: resident set, which includes the
+    libraries); train_mem_mb is what training adds on top of the built model, batch and optimizer."""
+    device = resolve_device(config.device)
+    batch = synthetic_batch(config, 1, device)
+    model, adaptation, params, train_step = training_step(config, batch, total_steps=steps + warmup + 10)
+    images, _, prompts = batch
+    net = torch.compile(model) if config.compile else model
     memory = PeakMemory(device)
     memory.reset()
     start_mb = memory.peak_mb()  # model, batch and optimizer are in memory; training adds the rest
     started = time.perf_counter()
-    train_step()  # -compile: compiles here
+    train_step(net)  # -compile: compiles here
     first_step = time.perf_counter() - started
     for _ in range(max(warmup - 2, 0)):
-        train_step()
-    sec_per_step = _timed(train_step, steps, device, warm=warmup >= 2)  # the first step is a warm-up step
+        train_step(net)
+    sec_per_step = _timed(lambda: train_step(net), steps, device, warm=warmup >= 2)  # the first step is a warm-up step
     peak = memory.peak_mb()
     with FlopCounterMode(display=False) as counter:
-        train_step(model)  # counted on the eager model (the same operations)
+        train_step()  # counted on the eager model (the same operations)
     gflop = counter.get_total_flops() / 1e9
 
     with tempfile.TemporaryDirectory() as folder:
