@@ -395,6 +395,7 @@ def plot_against(rows: list[dict], key: str, label: str, path: Path) -> None:
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
+    """Validation Dice per epoch, one line per variant (mean over its seeds); says so when no run validated."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for variant in dict.fromkeys(run["variant"] for run in runs):
         by_epoch: dict[int, list[float]] = {}
@@ -410,7 +411,10 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("val mean Dice (model resolution)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no validation during training (-val_freq 0)", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

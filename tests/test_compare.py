@@ -13,7 +13,7 @@ import pytest
 from cfg import ZERO_SHOT, parse_args
 from common.errors import UserError
 from engine.compare import (Variant, _reuse_or_clear, applies_to, config_differences, expand_runs, label_offsets,
-                            labels_without_a_shared_lr, train_argv, variant_of, variants)
+                            labels_without_a_shared_lr, plot_curves, train_argv, variant_of, variants)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,6 +149,17 @@ def test_runs_patterns_expand_sorted_with_the_zero_shot_row_first(tmp_path):
         tmp_path / "table_sam_lora"]
     with pytest.raises(UserError, match="-runs: .*nothing_\\*"):
         expand_runs(f"{tmp_path}/nothing_*")
+
+
+def test_curves_of_runs_without_validation_are_drawn_without_warnings(tmp_path):
+    import warnings
+
+    runs = [{"variant": Variant("sam_lora"), "history": [{"epoch": 1, "train_loss": 0.5, "val_dice_mean": ""}]},
+            {"variant": Variant("sam_full"), "history": [{"epoch": 1, "train_loss": 0.4}]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a legend has no labelled lines
+        plot_curves(runs, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_tradeoff_labels_of_rows_with_nearly_equal_dice_get_different_heights():
