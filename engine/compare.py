@@ -123,10 +123,12 @@ NOT_RESULTS = {"device", "host_memory", "workers", "ckpt_root", "figs_root", "ex
 
 
 def config_differences(saved: dict, requested: Config) -> list[str]:
-    """'-flag saved -> requested' for every result-changing flag where a finished run differs from a request."""
-    wanted = requested.to_json()
-    return [f"-{name} {saved.get(name)} -> {wanted[name]}" for name in sorted(wanted)
-            if name not in NOT_RESULTS and saved.get(name) != wanted[name]]
+    """'-flag saved -> requested' for every result-changing flag where a finished run differs from a request.
+    A flag missing from a saved config was added after the run, which then ran as its default does."""
+    wanted, defaults = requested.to_json(), Config().to_json()
+    saved = {**defaults, **saved}
+    return [f"-{name} {saved[name]} -> {wanted[name]}" for name in sorted(wanted)
+            if name not in NOT_RESULTS and saved[name] != wanted[name]]
 
 
 def _reuse_or_clear(run_dir: Path, saved: Optional[dict], requested: Config, overwrite: bool) -> bool:

@@ -66,6 +66,11 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     assert config_differences(saved.to_json(), same) == []
     other, _ = parse_args("train", ["-mod", "sam_lora", "-lr", "5e-4", "-epochs", "3"])
     assert config_differences(saved.to_json(), other) == ["-epochs 10 -> 3", "-lr 0.0001 -> 0.0005"]
+    adalora, _ = parse_args("train", ["-mod", "sam_adalora"])
+    older = {k: v for k, v in adalora.to_json().items() if k != "adalora_init"}  # a run from before the flag
+    assert config_differences(older, adalora) == []
+    orthogonal, _ = parse_args("train", ["-mod", "sam_adalora", "-adalora_init", "orthogonal"])
+    assert config_differences(older, orthogonal) == ["-adalora_init gaussian -> orthogonal"]
     with pytest.raises(UserError, match=r"run was made with other settings \(-epochs 10 -> 3; -lr .*-overwrite"):
         _reuse_or_clear(run_dir, saved.to_json(), other, overwrite=False)
     assert run_dir.is_dir()  # refused: nothing deleted

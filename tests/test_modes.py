@@ -448,6 +448,40 @@ def test_rank_budget_follows_peft_rank_allocator_step_for_step() -> None:
     assert sum(sum(kept) for kept in ours[1]._config.rank_pattern.values()) == ours[1].budget.target_budget
 
 
+def test_adalora_orthogonal_init_starts_orthonormal_at_the_base_and_moves_the_encoder_further() -> None:
+    base = build("sam-tiny").eval()
+    with torch.no_grad():
+        expected = forward(base)
+    runs = {}
+    for init in ("gaussian", "orthogonal"):
+        torch.manual_seed(0)
+        model, adaptation = adapted("sam-tiny", "sam_adalora", adalora_init=init)
+        runs[init] = model, adaptation
+    model, adaptation = runs["orthogonal"]
+    for tensors in lora_layout(model).values():
+        a, b = tensors["lora_A"], tensors["lora_B"]
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.T @ b, torch.eye(b.shape[1]), atol=1e-5, rtol=0)
+        assert not tensors["lora_E"].any()
+    assert adaptation.extra_loss().item() < 1e-5  # the regulariser is satisfied from the start
+    gaussian = next(iter(lora_layout(runs["gaussian"][0]).values()))["lora_A"]
+    assert 0.015 < gaussian.std().item() < 0.025  # the default stays peft's N(0, 0.02)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model), expected)  # E = 0: the adapted net starts as the base
+    # one identical Adam step on E alone: the orthonormal vectors turn it into a larger weight change
+    changes = {}
+    for init, (model, _) in runs.items():
+        model.train()
+        values = [t["lora_E"] for t in lora_layout(model).values()]
+        optimizer = torch.optim.Adam(values, lr=1e-2)
+        task_loss(forward(model)).backward()
+        optimizer.step()
+        changes[init] = sum((t["lora_B"] @ (t["lora_A"] * t["lora_E"])).norm().item()
+                            for t in lora_layout(model).values())
+    assert changes["orthogonal"] > 3 * changes["gaussian"] > 0
+
+
 def test_adalora_extra_loss_is_the_orthogonality_term() -> None:
     model, adaptation = adapted("sam-tiny", "sam_adalora")
     extra = adaptation.extra_loss()

@@ -82,9 +82,10 @@ def adalora_schedule(total_steps: int, tinit: float, tfinal: float, delta_t: int
 
 def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optional[float], lora_dropout: float,
                   adalora_init_r: int, adalora_target_r: int, adalora_tinit: float, adalora_tfinal: float,
-                  adalora_delta_t: int, adalora_orth_reg: float, decoder: str) -> Adaptation:
+                  adalora_delta_t: int, adalora_orth_reg: float, adalora_init: str, decoder: str) -> Adaptation:
     """AdaLoRA on the encoder's declared linears (peft's AdaLoRA adapts linears only); `decoder`: full | lora
-    (plain LoRA of rank adalora_target_r, the encoder's final average rank) | frozen."""
+    (plain LoRA of rank adalora_target_r, the encoder's final average rank) | frozen; `adalora_init`:
+    gaussian (peft's) | orthogonal (see `orthonormal_singular_vectors`)."""
     decoder_tuner = freeze_all_but_decoder(segmenter, decoder, adalora_target_r)
     adalora_config = AdaLoraConfig(init_r=adalora_init_r, target_r=adalora_target_r,
                                    lora_alpha=lora_alpha or adalora_init_r, lora_dropout=lora_dropout,
@@ -92,6 +93,22 @@ def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optiona
                                    **adalora_schedule(total_steps, adalora_tinit, adalora_tfinal, adalora_delta_t))
     tuner = fuse_svd_linears(take_autocast_inputs_as_given(AdaLoraModel(segmenter.image_encoder, adalora_config,
                                                                         "default")))
+    if adalora_init == "orthogonal":
+        orthonormal_singular_vectors(tuner)
     adaptation = AdaLoraAdaptation(tuner, adalora_orth_reg)
     adaptation.decoder_tuner = decoder_tuner
     return adaptation
+
+
+@torch.no_grad()
+def orthonormal_singular_vectors(tuner: AdaLoraModel) -> None:
+    """Every layer's P (lora_A, r x in) with orthonormal rows and Q (lora_B, out x r) with orthonormal columns.
+
+    peft draws their entries from N(0, 0.02): its rows and columns have norms of 0.02 sqrt(width), so the update
+    Q diag(E) P is several times smaller than the singular values E (4-11x on LiteMedSAM's linears), which
+    start at zero and grow by about the learning rate per step. Orthonormal P and Q make E the update's
+    singular values from the first step and satisfy the orthogonal regulariser from the start. The update
+    is still zero at the start (E = 0)."""
+    for name, param in tuner.model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            torch.nn.init.orthogonal_(param)
