@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cfg import VAL, ZERO_SHOT, Config, parse_args  # noqa: E402
+from cfg import TRAIN, VAL, ZERO_SHOT, Config, parse_args  # noqa: E402
 from models.modes import get_mode, mode_options  # noqa: E402
 from models.modes.lora import DEFAULT_RANK  # noqa: E402
 from common.errors import UserError  # noqa: E402
@@ -50,13 +50,15 @@ def short_float(value: float) -> str:
 @dataclass(frozen=True)
 class Variant:
     """One row of a comparison: a mode, optionally with its decoder setting, LoRA rank, training-set size and
-    learning rate."""
+    learning rate; `others`: (flag, value) pairs of finished runs that set them apart from runs otherwise alike
+    (`set_apart`)."""
 
     mode: str
     decoder: Optional[str] = None
     rank: Optional[int] = None
     train_size: Optional[int] = None
     lr: Optional[float] = None
+    others: tuple[tuple[str, str], ...] = ()
 
     def label(self) -> str:
         parts = [self.mode]
@@ -64,6 +66,7 @@ class Variant:
         parts += [f"r{self.rank}"] if self.rank else []
         parts += [f"n{self.train_size}"] if self.train_size else []
         parts += [f"lr{short_float(self.lr)}"] if self.lr else []
+        parts += [f"-{flag} {value}" for flag, value in self.others]
         return " ".join(parts)
 
     def flags(self) -> dict:
@@ -148,6 +151,10 @@ def _reuse_or_clear(run_dir: Path, saved: Optional[dict], requested: Config, ove
 
 def val_flag_names() -> set[str]:
     return {f.name for f in dataclasses.fields(Config) if VAL in f.metadata["scripts"]}
+
+
+def train_flag_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(Config) if TRAIN in f.metadata["scripts"]}
 
 
 def zero_shot_run(given: dict, name: str, ckpt_root: str, overwrite: bool = False) -> Path:
@@ -263,6 +270,21 @@ def variant_of(config: dict) -> Variant:
                    rank if has_lora_rank(config["mod"]) else None, config.get("max_train"), config["lr"])
 
 
+def set_apart(runs: list[dict]) -> list[dict]:
+    """Runs of one variant that differ in a result-changing flag other than the seed (say -adalora_init) are
+    different rows, not seeds of one: each gets the flags in which its variant's runs differ."""
+    defaults = Config().to_json()
+    flags = sorted(train_flag_names() - NOT_RESULTS - {"seed"})
+    settings = [{**defaults, **run["config"]} for run in runs]
+    apart = []
+    for run, setting in zip(runs, settings):
+        peers = [other for other, alike in zip(settings, runs) if alike["variant"] == run["variant"]]
+        differing = [flag for flag in flags if any(peer.get(flag) != setting.get(flag) for peer in peers)]
+        others = tuple((flag, str(setting.get(flag))) for flag in differing)
+        apart.append({**run, "variant": dataclasses.replace(run["variant"], others=others)} if others else run)
+    return apart
+
+
 def labels_without_a_shared_lr(runs: list[dict]) -> list[dict]:
     """The runs, their learning rate left out of the labels when every trained run used the same one."""
     if len({run["variant"].lr for run in runs if run["variant"].mode != ZERO_SHOT}) > 1:
@@ -281,7 +303,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         group = [run for run in runs if run["variant"] == variant]
         metrics = group[0]["final"]["metrics"]
         row = {"mode": variant.mode, "decoder": variant.decoder, "rank": variant.rank,
-               "train_size": variant.train_size, "lr": variant.lr, "label": variant.label(), "seeds": len(group),
+               "train_size": variant.train_size, "lr": variant.lr, "others": variant.others,
+               "label": variant.label(), "seeds": len(group),
                "split": group[0]["final"]["split"], "images": int(metrics["images"])}
         for key in [k for k in metrics if k.startswith(("dice_", "iou_")) or k == "vcdr_mae"]:
             row[key], row[f"{key}_std"] = _mean_std([run["final"]["metrics"][key] for run in group])
@@ -348,7 +371,7 @@ def check_shared_settings(runs: list[dict]) -> None:
 
 def write_outputs(runs: list[dict], out_dir: Path) -> str:
     check_shared_settings(runs)
-    runs = labels_without_a_shared_lr(runs)
+    runs = labels_without_a_shared_lr(set_apart(runs))
     rows = summarise(runs)
     mismatched = [row["label"] for row in rows if row["images"] != rows[0]["images"]]
     if mismatched:
@@ -362,7 +385,8 @@ def write_outputs(runs: list[dict], out_dir: Path) -> str:
     with open(out_dir / "table.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, "others": " ".join(f"-{flag} {value}" for flag, value in row["others"])}
+                         for row in rows)
     plot_curves(runs, out_dir / "curves.png")
     plot_tradeoff(rows, out_dir / "tradeoff.png")
     for key, label in (("train_size", "training images"), ("rank", "LoRA rank"), ("lr", "learning rate")):

@@ -13,7 +13,7 @@ import pytest
 from cfg import ZERO_SHOT, parse_args
 from common.errors import UserError
 from engine.compare import (Variant, _reuse_or_clear, applies_to, config_differences, expand_runs, label_offsets,
-                            labels_without_a_shared_lr, plot_curves, train_argv, variant_of, variants)
+                            labels_without_a_shared_lr, plot_curves, set_apart, train_argv, variant_of, variants)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,6 +154,20 @@ def test_runs_patterns_expand_sorted_with_the_zero_shot_row_first(tmp_path):
         tmp_path / "table_sam_lora"]
     with pytest.raises(UserError, match="-runs: .*nothing_\\*"):
         expand_runs(f"{tmp_path}/nothing_*")
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_rows_of_their_own_not_seeds_of_one():
+    def run(seed: int, *extra: str) -> dict:
+        config = parse_args("train", ["-mod", "sam_adalora", "-seed", str(seed), "-exp_name", f"r{seed}{extra}",
+                                      "-workers", str(seed), *extra])[0].to_json()
+        return {"variant": variant_of(config), "seed": seed, "config": config}
+
+    seeds = [run(0), run(1)]  # the seed, the run name and -workers (no effect on results) differ
+    assert set_apart(seeds) == seeds
+    apart = set_apart([run(0), run(1), run(0, "-adalora_init", "orthogonal")])
+    labels = [r["variant"].label() for r in apart]
+    assert labels[0] == labels[1] == "sam_adalora dec-full r4 lr1e-4 -adalora_init gaussian"
+    assert labels[2] == "sam_adalora dec-full r4 lr1e-4 -adalora_init orthogonal"
 
 
 def test_curves_of_runs_without_validation_are_drawn_without_warnings(tmp_path):
