@@ -2,6 +2,7 @@
 close the step could come to the matmul limit if only its FLOP-carrying operators took time.
 
     python scripts/profile_step.py mobile_sam sam_lora 256 1            (net, mode, image size, batch)
+    python scripts/profile_step.py efficient_sam:vit_t sam_lora 256 1   (net:encoder; default: the net's default)
     python scripts/profile_step.py mobile_sam sam_lora 256 1 --plain_prefix   (frozen prefix off: before)
 
 The step is benchmark.py's (random base weights, synthetic batch, one click, the trainer's AdamW and the
@@ -30,9 +31,9 @@ def main(argv: list[str]) -> None:
     from engine.benchmark import matmul_gflops, synthetic_batch, training_step
     from models.registry import resolve_encoder
 
-    net, mod, size, batch = argv[0], argv[1], int(argv[2]), int(argv[3])
+    (net, _, encoder), mod, size, batch = argv[0].partition(":"), argv[1], int(argv[2]), int(argv[3])
     frozen_prefix.ENABLED = "--plain_prefix" not in argv
-    config = dataclasses.replace(Config(), net=net, encoder=resolve_encoder(net, "default"), mod=mod,
+    config = dataclasses.replace(Config(), net=net, encoder=resolve_encoder(net, encoder or "default"), mod=mod,
                                  image_size=size, b=batch, amp="none", device="cpu", sam_ckpt="random")
     device = torch.device("cpu")
     _, _, _, step = training_step(config, synthetic_batch(config, 1, device), total_steps=100)
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> None:
     with FlopCounterMode(display=False) as counter:
         step()
     reference = matmul_gflops(device)
-    print(f"{net} {mod} {size}px batch {batch}, frozen prefix {'on' if frozen_prefix.ENABLED else 'off'}, "
+    print(f"{net} {config.encoder} {mod} {size}px batch {batch}, frozen prefix {'on' if frozen_prefix.ENABLED else 'off'}, "
           f"{torch.get_num_threads()} threads; 2 steps")
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
