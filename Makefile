@@ -4,7 +4,7 @@
 #   make test   the whole test suite (what .ci/run runs)
 #   make isic2017   the README's ISIC-2017 comparison from the pretrained LiteMedSAM, box and click tables
 #               (about 2 hours on 2 CPU cores); make isic2017-sweeps adds the LoRA-rank, training-size and
-#               learning-rate sweeps; make isic2017-600 the tables on all 600 test images (about 3 hours more)
+#               learning-rate sweeps; make isic2017-600 the tables on all 600 test images (about 5 hours more)
 PYTHON ?= python3
 export NO_ALBUMENTATIONS_UPDATE = 1
 STAMP := .install-stamp
@@ -67,6 +67,15 @@ isic2017-600: isic2017-sweeps
 	for lr in 2e-3 1e-3 5e-4; do $(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_lora -decoder lora -lr $$lr \
 		-exp_name isic_click_n256_sam_lora_dec-lora_lr$${lr}_seed0; done  # rates for the larger budget
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_full -lr 2e-4 -exp_name isic_click_n256_sam_full_lr2e-4_seed0
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_lora -decoder lora -lr 1e-3 -seed 1 \
+		-exp_name isic_click_n256_sam_lora_dec-lora_lr1e-3_seed1  # a second seed for the best rates
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_full -lr 1e-4 -seed 1 -exp_name isic_click_n256_sam_full_lr1e-4_seed1
+	for lr in 2e-3 5e-3; do $(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_adalora -decoder lora -lr $$lr \
+		-exp_name isic_click_n256_sam_adalora_dec-lora_lr$${lr}_seed0; done
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_adalora -decoder lora -lr 2e-3 -adalora_init orthogonal \
+		-exp_name isic_click_n256_sam_adalora_dec-lora_lr2e-3_orthogonal_seed0
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_adpt -decoder lora -lr 2e-3 \
+		-exp_name isic_click_n256_sam_adpt_dec-lora_lr2e-3_seed0
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_lora -decoder lora -lr 5e-3 \
 		-exp_name isic_box_n256_sam_lora_dec-lora_lr5e-3_seed0
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
