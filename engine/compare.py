@@ -454,21 +454,27 @@ def label_offsets(rows: list[dict]) -> dict[str, tuple[int, int]]:
 
 
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    offsets = label_offsets([row for row in rows if row["mode"] != ZERO_SHOT])
+    """Dice against trainable parameters and against peak memory. Each trained row is a numbered point, its
+    label in a key under the plots: rows of nearly equal Dice and cost would print labels over each other."""
+    trained = [row for row in rows if row["mode"] != ZERO_SHOT]
+    key_lines = (len(trained) + 2) // 2  # two columns, the zero-shot line included
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.17 * key_lines))
+    offsets = label_offsets(trained)
     for ax, key, label in ((axes[0], "trainable_params", "trainable parameters (log)"),
                            (axes[1], "peak_mem_mb", "peak memory (MB)")):
         for row in rows:
             if row["mode"] == ZERO_SHOT:  # no parameters trained, no training memory: a reference line
                 ax.axhline(row["dice_mean"], color="grey", linestyle="--", label="zero-shot base")
-                continue
-            ax.scatter(row[key], row["dice_mean"], s=60)
-            ax.annotate(row["label"], (row[key], row["dice_mean"]), textcoords="offset points",
+        for number, row in enumerate(trained, 1):
+            ax.scatter(row[key], row["dice_mean"], s=60, label=f"{number}  {row['label']}")
+            ax.annotate(str(number), (row[key], row["dice_mean"]), textcoords="offset points",
                         xytext=offsets[row["label"]], fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{rows[0]['split']} mean Dice")
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.17 * key_lines / fig.get_figheight() + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
