@@ -74,8 +74,8 @@ isic2017-600: isic2017-sweeps
 		-exp_name isic_click_n256_sam_adalora_dec-lora_lr$${lr}_seed0; done
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_adalora -decoder lora -lr 2e-3 -adalora_init orthogonal \
 		-exp_name isic_click_n256_sam_adalora_dec-lora_lr2e-3_orthogonal_seed0
-	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_adpt -decoder lora -lr 2e-3 \
-		-exp_name isic_click_n256_sam_adpt_dec-lora_lr2e-3_seed0
+	for seed in 0 1; do $(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_adpt -decoder lora -lr 2e-3 \
+		-seed $$seed -exp_name isic_click_n256_sam_adpt_dec-lora_lr2e-3_seed$$seed; done
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_lora -decoder lora -lr 5e-3 \
 		-exp_name isic_box_n256_sam_lora_dec-lora_lr5e-3_seed0
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
