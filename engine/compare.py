@@ -125,11 +125,15 @@ NOT_RESULTS = {"device", "host_memory", "workers", "ckpt_root", "figs_root", "ex
                "cache_images", "json", "save_pred", "split", "which"}
 
 
+def with_defaults(saved: dict) -> dict:
+    """A run's saved config with every flag; a flag missing from it was added after the run, which then ran as
+    its default does."""
+    return {**Config().to_json(), **saved}
+
+
 def config_differences(saved: dict, requested: Config) -> list[str]:
-    """'-flag saved -> requested' for every result-changing flag where a finished run differs from a request.
-    A flag missing from a saved config was added after the run, which then ran as its default does."""
-    wanted, defaults = requested.to_json(), Config().to_json()
-    saved = {**defaults, **saved}
+    """'-flag saved -> requested' for every result-changing flag where a finished run differs from a request."""
+    wanted, saved = requested.to_json(), with_defaults(saved)
     return [f"-{name} {saved[name]} -> {wanted[name]}" for name in sorted(wanted)
             if name not in NOT_RESULTS and saved[name] != wanted[name]]
 
@@ -273,14 +277,13 @@ def variant_of(config: dict) -> Variant:
 def set_apart(runs: list[dict]) -> list[dict]:
     """Runs of one variant that differ in a result-changing flag other than the seed (say -adalora_init) are
     different rows, not seeds of one: each gets the flags in which its variant's runs differ."""
-    defaults = Config().to_json()
     flags = sorted(train_flag_names() - NOT_RESULTS - {"seed"})
-    settings = [{**defaults, **run["config"]} for run in runs]
+    settings = [with_defaults(run["config"]) for run in runs]
     apart = []
     for run, setting in zip(runs, settings):
         peers = [other for other, alike in zip(settings, runs) if alike["variant"] == run["variant"]]
-        differing = [flag for flag in flags if any(peer.get(flag) != setting.get(flag) for peer in peers)]
-        others = tuple((flag, str(setting.get(flag))) for flag in differing)
+        differing = [flag for flag in flags if any(peer[flag] != setting[flag] for peer in peers)]
+        others = tuple((flag, str(setting[flag])) for flag in differing)
         apart.append({**run, "variant": dataclasses.replace(run["variant"], others=others)} if others else run)
     return apart
 
