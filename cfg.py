@@ -37,7 +37,7 @@ HELP_GROUPS = ("model", "adaptation", "data", "training", "output", "evaluation 
 FLAG_GROUPS = {
     "model": "net encoder image_size out_size sam_ckpt",
     "adaptation": "mod mid_dim lora_alpha lora_dropout lora_conv decoder adalora_init_r adalora_target_r "
-                  "adalora_tinit adalora_tfinal adalora_delta_t adalora_orth_reg adalora_init",
+                  "adalora_tinit adalora_tfinal adalora_delta_t adalora_orth_reg adalora_init adalora_e_lr_ratio",
     "data": "dataset data_path prompt n_points n_neg_points aug val_frac roi_crop rater_policy synthetic_size "
             "synthetic_classes slice_axis window labels cache_images max_train max_eval",
     "training": "b lr weight_decay epochs sched seed amp grad_ckpt recompute_mlp compile cache_embeddings device host_memory "
@@ -88,6 +88,8 @@ class Config:
     adalora_init: str = flag("gaussian", "AdaLoRA's singular vectors P, Q at the start: peft's N(0, 0.02) entries, or "
                              "orthonormal (what the orthogonal regulariser pulls them to); the singular values start "
                              "at zero either way", choices=("gaussian", "orthogonal"))
+    adalora_e_lr_ratio: float = flag(1.0, "AdaLoRA: learning rate of the singular values (lora_E) as a multiple of "
+                                     "-lr (1: peft's one rate for all)")
     image_size: int = flag(256, "model input size S (images are resized longest-side and padded to S x S)", ALL)
     out_size: Optional[int] = flag(None, "resolution of loss and metrics (default = image_size)", ALL, val_may_change=True)
     sam_ckpt: Optional[str] = flag(None, "official base weights file; without it lite_medsam loads its packaged "
@@ -243,7 +245,7 @@ def parse_args(script: str, argv: Optional[Sequence[str]] = None) -> tuple[Confi
 def validate(config: Config, given: set[str], script: str) -> None:
     """Reject values and flag combinations that make no sense, with one line naming the flag."""
     positive = ("image_size", "b", "epochs", "n_points", "synthetic_size", "adalora_init_r",
-                "adalora_target_r", "adalora_delta_t")
+                "adalora_target_r", "adalora_delta_t", "adalora_e_lr_ratio")
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"-{name} must be positive, got {getattr(config, name)}")

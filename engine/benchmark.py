@@ -27,7 +27,7 @@ from .amp import resolve_amp
 from .checkpoints import save_weights
 from .host_memory import set_host_memory
 from .loss import PerClassDiceCE
-from .optim import adamw
+from .optim import adamw, learning_rate_groups
 from .runtime import PeakMemory, resolve_device, synchronize
 from .session import build_base, build_model
 from .trainer import keep_frozen_batchnorm_in_eval
@@ -130,7 +130,8 @@ def training_step(config: Config, batch: tuple, total_steps: int) -> tuple[torch
     model, adaptation = build_model(config, 1, total_steps=total_steps, device=device, verbose=False)
     images, masks, prompts = batch
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr=1e-5, weight_decay=1e-2)  # the trainer's optimizer (torch's default decay)
+    # the trainer's optimizer (torch's default decay)
+    optimizer = adamw(learning_rate_groups(model, 1e-5, adaptation.lr_ratios), lr=1e-5, weight_decay=1e-2)
     loss_fn = PerClassDiceCE()
     step_counter = iter(range(1, 10 ** 9))
 

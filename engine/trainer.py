@@ -27,7 +27,7 @@ from .amp import resolve_amp
 from .evaluation import EvalSettings, IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
 from .logbook import TensorBoardLog, format_number, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
-from .optim import adamw
+from .optim import adamw, learning_rate_groups
 from .peft_format import PEFT_DIR, write_peft_folder
 from .runtime import PeakMemory, Runtime, synchronize
 from .sampler import EpochShuffleSampler
@@ -115,7 +115,8 @@ class Trainer:
         self.total_steps = self.sampler.steps_per_epoch() * config.epochs
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.saves_all = get_mode(config.mod).saves_all  # full fine-tuning: checkpoints hold every tensor
-        self.optimizer = adamw(self.params, config.lr, config.weight_decay)
+        self.optimizer = adamw(learning_rate_groups(model, config.lr, adaptation.lr_ratios), config.lr,
+                               config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(config.sched, step, self.total_steps))
         self.amp = resolve_amp(config.amp, runtime.device, announce=runtime.is_main)  # auto: what it chose

@@ -128,6 +128,8 @@ REJECTED = [
     ("train", ["-mod", "sam_adalora", "-adalora_init_r", "4", "-adalora_target_r", "8"], "-adalora_target_r"),
     ("train", ["-mod", "sam_adalora", "-adalora_tinit", "0.5", "-adalora_tfinal", "0.5"], "-adalora_tinit"),
     ("train", ["-mod", "sam_adalora", "-adalora_tinit", "0.7", "-adalora_tfinal", "0.4"], "-adalora_tfinal"),
+    ("train", ["-mod", "sam_adalora", "-adalora_e_lr_ratio", "0"], "-adalora_e_lr_ratio"),
+    ("train", ["-mod", "sam_lora", "-adalora_e_lr_ratio", "4"], "-adalora_e_lr_ratio"),
     # embeddings cache, activation checkpointing, conv LoRA
     ("train", ["-cache_embeddings", "-aug", "none"], "-cache_embeddings"),
     ("train", ["-cache_embeddings", "-mod", "sam_decoder"], "-cache_embeddings"),  # -aug light
@@ -162,7 +164,7 @@ ACCEPTED = [
     ("train", ["-mod", "sam_dora", "-lora_alpha", "8"]),
     ("train", ["-mod", "sam_adpt", "-mid_dim", "16"]),
     ("train", ["-mod", "sam_adalora", "-adalora_init_r", "8", "-adalora_target_r", "8",
-               "-adalora_tinit", "0.3", "-adalora_tfinal", "0.6"]),
+               "-adalora_tinit", "0.3", "-adalora_tfinal", "0.6", "-adalora_e_lr_ratio", "4"]),
     ("train", ["-mod", "sam_decoder", "-aug", "none", "-cache_embeddings"]),
     ("train", ["-mod", "sam_full", "-grad_ckpt"]),
     ("train", ["-mod", "sam_lora", "-recompute_mlp", "-net", "mobile_sam"]),

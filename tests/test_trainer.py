@@ -82,6 +82,23 @@ def test_adalora_budget_falls_to_target_through_fit_and_resume_continues_it(tmp_
         torch.testing.assert_close(lora_e(resumed)[name], value, atol=1e-5, rtol=0)
 
 
+def test_adalora_singular_values_train_at_their_ratio_of_the_rate_through_the_schedule(tmp_path):
+    """-adalora_e_lr_ratio: lora_E in its own AdamW group at lr x ratio, every other trainable tensor at lr; the
+    learning-rate schedule scales both groups alike."""
+    trainer = make_trainer(tmp_path, "sam_adalora", adalora_e_lr_ratio=8.0, sched="cosine")
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    base, singular = trainer.optimizer.param_groups
+    assert base["lr"] == pytest.approx(1e-3) and singular["lr"] == pytest.approx(8e-3)
+    assert all("lora_E" in names[id(p)] for p in singular["params"]) and len(singular["params"]) == LINEARS
+    assert not any("lora_E" in names[id(p)] for p in base["params"])
+    assert len(base["params"]) + len(singular["params"]) == len(trainer.params)
+    batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=2)))
+    for _ in range(3):
+        trainer.train_step(batch)
+    assert singular["lr"] == pytest.approx(8 * base["lr"]) and base["lr"] < 1e-3  # the schedule moved both
+    assert len(make_trainer(tmp_path / "default", "sam_adalora").optimizer.param_groups) == 1
+
+
 def test_skipped_fp16_step_leaves_adalora_importance_finite(tmp_path):
     """A step the gradient scaler skips (inf gradients) must not reach AdaLoRA's allocator."""
     trainer = make_trainer(tmp_path, "sam_adalora", epochs=4)

@@ -82,10 +82,14 @@ def adalora_schedule(total_steps: int, tinit: float, tfinal: float, delta_t: int
 
 def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optional[float], lora_dropout: float,
                   adalora_init_r: int, adalora_target_r: int, adalora_tinit: float, adalora_tfinal: float,
-                  adalora_delta_t: int, adalora_orth_reg: float, adalora_init: str, decoder: str) -> Adaptation:
+                  adalora_delta_t: int, adalora_orth_reg: float, adalora_init: str, adalora_e_lr_ratio: float,
+                  decoder: str) -> Adaptation:
     """AdaLoRA on the encoder's declared linears (peft's AdaLoRA adapts linears only); `decoder`: full | lora
     (plain LoRA of rank adalora_target_r, the encoder's final average rank) | frozen; `adalora_init`:
-    gaussian (peft's) | orthogonal (see `orthonormal_singular_vectors`)."""
+    gaussian (peft's) | orthogonal (see `orthonormal_singular_vectors`); `adalora_e_lr_ratio`: the singular
+    values' (lora_E) learning rate as a multiple of the run's (1: peft's single rate). Adam moves each
+    parameter by about the learning rate per step, so the r singular values of a layer move its update
+    Q diag(E) P far less per step than LoRA's out x r entries of B move B A."""
     decoder_tuner = freeze_all_but_decoder(segmenter, decoder, adalora_target_r)
     adalora_config = AdaLoraConfig(init_r=adalora_init_r, target_r=adalora_target_r,
                                    lora_alpha=lora_alpha or adalora_init_r, lora_dropout=lora_dropout,
@@ -97,6 +101,7 @@ def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optiona
         orthonormal_singular_vectors(tuner)
     adaptation = AdaLoraAdaptation(tuner, adalora_orth_reg)
     adaptation.decoder_tuner = decoder_tuner
+    adaptation.lr_ratios = {"lora_E": adalora_e_lr_ratio}
     return adaptation
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ class Adaptation:
     mode: str
     tuner: Optional[nn.Module] = None  # the peft tuner (LoRA/DoRA/AdaLoRA) for merging and rank allocation
     decoder_tuner: Optional[nn.Module] = None  # the mask decoder's LoRA tuner (`decoder="lora"`), for merging
+    lr_ratios: dict = field(default_factory=dict)  # parameter-name fragment -> its learning rate as a multiple of -lr
 
     def extra_loss(self) -> Optional[Tensor]:
         """A regulariser added to the task loss (AdaLoRA's orthogonality term), or None."""

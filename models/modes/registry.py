@@ -13,7 +13,7 @@ from typing import Callable
 LORA_OPTIONS = frozenset({"mid_dim", "lora_alpha", "lora_dropout", "lora_conv", "decoder"})
 ADALORA_OPTIONS = frozenset({"lora_alpha", "lora_dropout", "adalora_init_r", "adalora_target_r", "adalora_tinit",
                              "adalora_tfinal", "adalora_delta_t", "adalora_orth_reg", "adalora_init",
-                             "decoder"})
+                             "adalora_e_lr_ratio", "decoder"})
 
 
 @dataclass(frozen=True)
