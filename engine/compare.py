@@ -276,16 +276,27 @@ def variant_of(config: dict) -> Variant:
 
 def set_apart(runs: list[dict]) -> list[dict]:
     """Runs of one variant that differ in a result-changing flag other than the seed (say -adalora_init) are
-    different rows, not seeds of one: each gets the flags in which its variant's runs differ."""
+    different rows, not seeds of one: each gets the flags in which its variant's runs differ, and the options
+    of its mode that it set away from their defaults (say -adalora_e_lr_ratio 20), which a run with no peer
+    would otherwise hide behind the label of the mode's defaults."""
     flags = sorted(train_flag_names() - NOT_RESULTS - {"seed"})
+    defaults = Config().to_json()
     settings = [with_defaults(run["config"]) for run in runs]
     apart = []
     for run, setting in zip(runs, settings):
-        peers = [other for other, alike in zip(settings, runs) if alike["variant"] == run["variant"]]
-        differing = [flag for flag in flags if any(peer[flag] != setting[flag] for peer in peers)]
-        others = tuple((flag, str(setting[flag])) for flag in differing)
-        apart.append({**run, "variant": dataclasses.replace(run["variant"], others=others)} if others else run)
+        variant = run["variant"]
+        peers = [other for other, alike in zip(settings, runs) if alike["variant"] == variant]
+        own = set() if variant.mode == ZERO_SHOT else get_mode(variant.mode).options - set(variant.flags())
+        differing = [flag for flag in flags if any(peer[flag] != setting[flag] for peer in peers)
+                     or (flag in own and setting[flag] != defaults[flag])]
+        others = tuple((flag, flag_value(setting[flag])) for flag in differing)
+        apart.append({**run, "variant": dataclasses.replace(variant, others=others)} if others else run)
     return apart
+
+
+def flag_value(value) -> str:
+    """A flag's value as a user would type it (20, not 20.0)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def labels_without_a_shared_lr(runs: list[dict]) -> list[dict]:

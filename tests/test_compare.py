@@ -170,6 +170,20 @@ def test_runs_that_differ_in_more_than_the_seed_are_rows_of_their_own_not_seeds_
     assert labels[2] == "sam_adalora dec-full r4 lr1e-4 -adalora_init orthogonal"
 
 
+def test_a_run_alone_with_a_mode_option_off_its_default_says_so_in_its_label():
+    def run(*argv: str) -> dict:
+        config = parse_args("train", [*argv, "-exp_name", "x"])[0].to_json()
+        return {"variant": variant_of(config), "seed": 0, "config": config}
+
+    faster = run("-mod", "sam_adalora", "-adalora_e_lr_ratio", "20", "-lr", "1e-3")
+    lora, adapter = run("-mod", "sam_lora", "-mid_dim", "8"), run("-mod", "sam_adpt", "-mid_dim", "16")
+    labels = [r["variant"].label() for r in set_apart([faster, lora, adapter, run("-mod", "sam_full")])]
+    assert labels == ["sam_adalora dec-full r4 lr1e-3 -adalora_e_lr_ratio 20",
+                      "sam_lora dec-full r8 lr1e-4",  # the rank is the variant's own: no flag repeats it
+                      "sam_adpt dec-full lr1e-4 -mid_dim 16",  # an Adapter width is not a LoRA rank
+                      "sam_full lr1e-4"]
+
+
 def test_curves_of_runs_without_validation_are_drawn_without_warnings(tmp_path):
     import warnings
 
