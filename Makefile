@@ -87,6 +87,8 @@ isic2017-600: isic2017-sweeps
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_lora -decoder lora -lr 5e-3 \
 		-exp_name isic_box_n256_sam_lora_dec-lora_lr5e-3_seed0
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_full -lr 1e-4 -exp_name isic_box_n256_sam_full_lr1e-4_seed0
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_adalora -decoder lora -lr 1e-3 -adalora_e_lr_ratio 20 \
+		-exp_name isic_box_n256_sam_adalora_dec-lora_lr1e-3_elr20_seed0
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt box -mods sam_lora,sam_full -decoders lora -seeds 1 -exp_name isic_box  # a second seed
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_600 -runs '$(B)_lrs_sam_lora_dec-lora_lr5e-3_seed0,$(B)_lrs_sam_full_lr1e-4_seed0,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0,$(B)_n256_*,$(B)_elr_*'
