@@ -24,6 +24,7 @@ def main(argv=None) -> None:
     from engine.evaluation import EvalSettings, evaluate
     from engine.logbook import format_number
     from engine.trainer import Trainer
+    from models.merge import merge_adapters
     from models.modes import get_mode
 
     splits = None
@@ -57,14 +58,18 @@ def main(argv=None) -> None:
     trainer.fit()
     best = run_dir / "best.safetensors"
     checkpoints.load_weights(best, model, get_mode(config.mod).saves_all)
+    if config.merge:  # the checkpoints are written: fold the adapters for a faster final evaluation
+        merge_adapters(adaptation)
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
     per_image: list = []
     summary = evaluate(model, dataset, EvalSettings.of(config), runtime, data.class_names, split, original=True,
                        per_image=per_image)
     if runtime.is_main:
-        print(f"{split} (best weights, original resolution): " + " ".join(f"{k}={format_number(v)}" for k, v in summary.items()))
+        weights = "best weights, merged" if config.merge else "best weights"
+        print(f"{split} ({weights}, original resolution): " + " ".join(f"{k}={format_number(v)}" for k, v in summary.items()))
         checkpoints.write_json(run_dir / "final_metrics.json", {
-            "split": split, "weights": "best", "metrics": summary, "wall_seconds": time.time() - started,
+            "split": split, "weights": "best", "merged": config.merge, "metrics": summary,
+            "wall_seconds": time.time() - started,
             "total_params": sum(p.numel() for p in model.parameters()), "per_image": per_image})
         print(f"run folder: {run_dir}   figures: {figs_dir}")
     stop_runtime(runtime)

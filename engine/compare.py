@@ -36,6 +36,8 @@ def applies_to(flag_name: str, mode: str) -> bool:
     spec = get_mode(mode)
     if flag_name in mode_options():
         return flag_name in spec.options
+    if flag_name == "merge":
+        return spec.mergeable
     if flag_name in ("grad_ckpt", "recompute_mlp", "cache_embeddings"):
         return spec.trains_encoder == (flag_name != "cache_embeddings")
     return True
@@ -165,7 +167,7 @@ def zero_shot_run(given: dict, name: str, ckpt_root: str, overwrite: bool = Fals
     """Evaluate the base net as it is (val.py without -weights) on the same data, split and prompts as the
     trained rows; its metrics go to <ckpt_root>/<name>_zero_shot/final_metrics.json."""
     run_dir = Path(ckpt_root) / f"{name}_{ZERO_SHOT}"
-    argv = _flag_argv({k: v for k, v in given.items() if k in val_flag_names() and k != "max_train"})
+    argv = _flag_argv({k: v for k, v in given.items() if k in val_flag_names() and k not in ("max_train", "merge")})
     requested = dataclasses.replace(parse_args("val", argv)[0], mod=ZERO_SHOT)
     saved = json.loads((run_dir / FINAL).read_text())["config"] if run_is_finished(run_dir) else None
     if _reuse_or_clear(run_dir, saved, requested, overwrite):

@@ -62,8 +62,9 @@ def test_help_shows_only_the_script_flags(capsys):
     val_help = help_text("val", capsys)
     for flag in ("-lora_alpha", "-adalora_init_r", "-epochs", "-resume", "-sched"):
         assert flag in train_help and flag not in val_help
-    for flag in ("-weights", "-merge", "-save_pred", "-which"):
+    for flag in ("-weights", "-save_pred", "-which"):
         assert flag in val_help and flag not in train_help
+    assert "-merge" in val_help and "-merge" in train_help  # train.py: its final test evaluation
     for flag in ("-net", "-image_size", "-dataset", "-prompt", "-seed"):
         assert flag in train_help and flag in val_help
 
@@ -139,6 +140,7 @@ REJECTED = [
     ("train", ["-recompute_mlp", "-net", "sam"], "-recompute_mlp"),
     ("train", ["-lora_conv", "-net", "sam"], "-lora_conv"),
     ("train", ["-lora_conv", "-net", "efficient_sam", "-mod", "sam_dora"], "-lora_conv"),
+    ("train", ["-mod", "sam_adpt", "-merge"], "-merge"),  # Adapters do not fold into the base linears
     # resume takes the run's own config
     ("train", ["-resume", "checkpoint/run", "-lr", "0.1"], "-lr"),
     ("train", ["-resume", "checkpoint/run", "-epochs", "20", "-device", "cpu"], "-epochs"),
@@ -167,6 +169,7 @@ ACCEPTED = [
                "-adalora_tinit", "0.3", "-adalora_tfinal", "0.6", "-adalora_e_lr_ratio", "4"]),
     ("train", ["-mod", "sam_decoder", "-aug", "none", "-cache_embeddings"]),
     ("train", ["-mod", "sam_full", "-grad_ckpt"]),
+    ("train", ["-mod", "sam_dora", "-merge"]),
     ("train", ["-mod", "sam_lora", "-recompute_mlp", "-net", "mobile_sam"]),
     ("train", ["-rater_policy", "7"]),
     ("train", ["-rater_policy", "mean"]),

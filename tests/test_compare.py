@@ -25,6 +25,7 @@ def test_mode_specific_flags_go_only_to_their_modes():
     assert "-lora_alpha" in train_argv(given, Variant("sam_lora"), 0, "x")
     assert "-adalora_init_r" not in train_argv(given, Variant("sam_lora"), 0, "x")
     assert not applies_to("grad_ckpt", "sam_decoder") and applies_to("mid_dim", "sam_adpt")
+    assert applies_to("merge", "sam_dora") and not applies_to("merge", "sam_adpt")
 
 
 def test_sweeps_expand_only_where_they_apply():
@@ -133,6 +134,28 @@ def test_compare_trains_tabulates_and_resumes(tmp_path):
     assert (tmp_path / "ck" / "t_zero_shot" / "test_1.json").is_file()
     reused = subprocess.run(again, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert reused.returncode == 0 and reused.stdout.count("not evaluated again") == 3
+
+
+@pytest.mark.slow
+def test_merge_folds_the_final_evaluation_of_the_modes_that_merge(tmp_path):
+    """compare -merge: LoRA's final test evaluation runs merged (val.py reproduces it from the run folder), the
+    Adapter's unmerged, the zero-shot base as it is."""
+    command = [sys.executable, "compare.py", "-net", "mobile_sam", "-image_size", "64", "-synthetic_size", "8",
+               "-epochs", "1", "-b", "4", "-vis", "0", "-mods", "sam_adpt,sam_lora", "-merge", "-exp_name", "m",
+               "-ckpt_root", str(tmp_path / "ck"), "-figs_root", str(tmp_path / "figs")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finals = {mode: json.loads((tmp_path / "ck" / f"m_{mode}_seed0" / "final_metrics.json").read_text())
+              for mode in ("sam_adpt", "sam_lora")}
+    assert finals["sam_lora"]["merged"] and not finals["sam_adpt"]["merged"]
+    assert "best weights, merged" in result.stdout  # and the zero-shot row, which -merge cannot apply to, ran
+    out = tmp_path / "val.json"
+    check = subprocess.run([sys.executable, "val.py", "-weights", str(tmp_path / "ck" / "m_sam_lora_seed0"),
+                            "-json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert check.returncode == 0 and "adapters merged into the base weights" in check.stdout, check.stderr[-3000:]
+    assert json.loads(out.read_text())["metrics"]["dice_mean"] == pytest.approx(
+        finals["sam_lora"]["metrics"]["dice_mean"], abs=1e-6)
 
 
 def test_compare_runs_from_any_working_directory(tmp_path):
