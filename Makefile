@@ -59,6 +59,7 @@ isic2017-sweeps: isic2017
 
 # all 600 test images: the best-rate rows of the sweeps, and the LoRA/full rows at four times the training
 # budget (256 images, 2 epochs = 128 steps); finished runs are re-evaluated once (<run>/test_600.json)
+ISIC_600_FLAGS := $(subst -max_eval 100,-max_eval 600,$(ISIC_FLAGS))
 ISIC_N256_FLAGS := $(subst -max_train 64 -max_eval 100,-max_train 256 -max_eval 600,$(ISIC_LR_FLAGS))
 isic2017-600: isic2017-sweeps
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_lora -decoder lora -lr 5e-3 \
@@ -82,7 +83,7 @@ isic2017-600: isic2017-sweeps
 		-adalora_e_lr_ratio $$ratio -exp_name isic_click_n256_sam_adalora_dec-lora_lr1e-3_elr$${ratio}_seed0; done
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_adalora -decoder lora -lr 1e-3 -adalora_e_lr_ratio 20 \
 		-seed 1 -exp_name isic_click_n256_sam_adalora_dec-lora_lr1e-3_elr20_seed1
-	$(PYTHON) train.py $(subst -max_eval 100,-max_eval 600,$(ISIC_FLAGS)) -prompt box -mod sam_adalora -decoder lora \
+	$(PYTHON) train.py $(ISIC_600_FLAGS) -prompt box -mod sam_adalora -decoder lora \
 		-adalora_e_lr_ratio 20 -exp_name isic_box_elr_sam_adalora_dec-lora_lr5e-4_elr20_seed0  # the box table's settings
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_lora -decoder lora -lr 5e-3 \
 		-exp_name isic_box_n256_sam_lora_dec-lora_lr5e-3_seed0
@@ -90,14 +91,22 @@ isic2017-600: isic2017-sweeps
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_adalora -decoder lora -lr 1e-3 -adalora_e_lr_ratio 20 \
 		-exp_name isic_box_n256_sam_adalora_dec-lora_lr1e-3_elr20_seed0
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt box -mods sam_lora,sam_full -decoders lora -seeds 1 -exp_name isic_box  # a second seed
+	$(PYTHON) compare.py $(ISIC_600_FLAGS) -prompt click -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_full \
+		-decoders full,lora -seeds 1 -exp_name isic_click_seed1  # a second seed for the main tables, tested on 600
+	$(PYTHON) compare.py $(ISIC_600_FLAGS) -prompt click -mods sam_dora -decoders full,lora -seeds 1 -merge \
+		-exp_name isic_click_seed1
+	$(PYTHON) compare.py $(ISIC_600_FLAGS) -prompt box -mods sam_decoder,sam_adpt,sam_adalora -decoders full,lora \
+		-seeds 1 -exp_name isic_box_seed1
+	$(PYTHON) compare.py $(ISIC_600_FLAGS) -prompt box -mods sam_lora -decoders full -seeds 1 -exp_name isic_box_seed1
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_600 -runs '$(B)_lrs_sam_lora_dec-lora_lr5e-3_seed0,$(B)_lrs_sam_full_lr1e-4_seed0,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0,$(B)_n256_*,$(B)_elr_*'
 	for run in $(B)_sam_dora_dec-full_seed0 $(B)_sam_dora_dec-lora_seed0 $(C)_sam_dora_dec-full_seed0 \
 		$(C)_sam_dora_dec-lora_seed0; do \
 		$(PYTHON) val.py -weights $$run -merge -max_eval 600 -json $$run/test_600.json; done  # DoRA merged: 6x faster
-	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_main_600 -runs '$(B)_zero_shot,$(B)_sam_*_seed[01]'
-	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_main_600 -runs '$(C)_zero_shot,$(C)_sam_*_seed0'
-	for name in isic_click_600 isic_box_600 isic_box_main_600 isic_click_main_600; do cp figs/compare_$$name/table.md figs/readme/$${name}_table.md; \
+	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_main_600 -runs '$(B)_zero_shot,$(B)_sam_*_seed[01],$(B)_seed1_sam_*'
+	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_main_600 -runs '$(C)_zero_shot,$(C)_sam_*_seed0,$(C)_seed1_sam_*'
+	for name in isic_click_seed1 isic_box_seed1; do $(PYTHON) compare.py -exp_name $$name -runs "checkpoint/$${name}_*"; done
+	for name in isic_click_600 isic_box_600 isic_box_main_600 isic_click_main_600 isic_click_seed1 isic_box_seed1; do cp figs/compare_$$name/table.md figs/readme/$${name}_table.md; \
 		cp figs/compare_$$name/tradeoff.png figs/readme/$${name}_tradeoff.png; done
 
 test: $(STAMP)

@@ -276,6 +276,13 @@ def variant_of(config: dict) -> Variant:
                    rank if has_lora_rank(config["mod"]) else None, config.get("max_train"), config["lr"])
 
 
+def trained_with(setting: dict) -> dict:
+    """A run's settings less those that change only its own final test evaluation, which a table redoes on one
+    image count for every run: -merge, and -max_eval when no validation chose the weights (-val_freq 0)."""
+    evaluation_only = {"merge"} | (set() if setting["val_freq"] else {"max_eval"})
+    return {name: value for name, value in setting.items() if name not in evaluation_only}
+
+
 def set_apart(runs: list[dict]) -> list[dict]:
     """Runs of one variant that differ in a result-changing flag other than the seed (say -adalora_init) are
     different rows, not seeds of one: each gets the flags in which its variant's runs differ, and the options
@@ -283,13 +290,13 @@ def set_apart(runs: list[dict]) -> list[dict]:
     would otherwise hide behind the label of the mode's defaults."""
     flags = sorted(train_flag_names() - NOT_RESULTS - {"seed"})
     defaults = Config().to_json()
-    settings = [with_defaults(run["config"]) for run in runs]
+    settings = [trained_with(with_defaults(run["config"])) for run in runs]
     apart = []
     for run, setting in zip(runs, settings):
         variant = run["variant"]
         peers = [other for other, alike in zip(settings, runs) if alike["variant"] == variant]
         own = set() if variant.mode == ZERO_SHOT else get_mode(variant.mode).options - set(variant.flags())
-        differing = [flag for flag in flags if any(peer[flag] != setting[flag] for peer in peers)
+        differing = [flag for flag in flags if any(peer.get(flag) != setting.get(flag) for peer in peers)
                      or (flag in own and setting[flag] != defaults[flag])]
         others = tuple((flag, flag_value(setting[flag])) for flag in differing)
         apart.append({**run, "variant": dataclasses.replace(variant, others=others)} if others else run)
@@ -389,10 +396,12 @@ def write_outputs(runs: list[dict], out_dir: Path) -> str:
     check_shared_settings(runs)
     runs = labels_without_a_shared_lr(set_apart(runs))
     rows = summarise(runs)
-    mismatched = [row["label"] for row in rows if row["images"] != rows[0]["images"]]
+    images = [run["final"]["metrics"]["images"] for run in runs]
+    mismatched = [f"{run['variant'].label()} (seed {run['seed']})" for run, n in zip(runs, images) if n != images[0]]
     if mismatched:
-        raise UserError(f"{mismatched[0]} was evaluated on a different number of images than {rows[0]['label']}: "
-                        f"every row of a table must use the same split (same -max_eval)")
+        raise UserError(f"{mismatched[0]} was evaluated on a different number of images than "
+                        f"{runs[0]['variant'].label()}: every run of a table must use the same split (same -max_eval, "
+                        f"or tabulate with -runs ... -max_eval N)")
     class_keys = [k for k in rows[0] if k.startswith(("dice_", "iou_")) and not k.endswith("_std")]
     class_keys += ["vcdr_mae"] if "vcdr_mae" in rows[0] else []
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -187,6 +187,11 @@ def test_runs_that_differ_in_more_than_the_seed_are_rows_of_their_own_not_seeds_
 
     seeds = [run(0), run(1)]  # the seed, the run name and -workers (no effect on results) differ
     assert set_apart(seeds) == seeds
+    # flags of the final test evaluation alone, which a table redoes for every run, do not split seeds either
+    evaluated = [run(0, "-val_freq", "0", "-max_eval", "100"), run(1, "-val_freq", "0", "-max_eval", "600", "-merge")]
+    assert set_apart(evaluated) == evaluated
+    chosen = set_apart([run(0, "-max_eval", "100"), run(1, "-max_eval", "600")])  # validation chose the weights
+    assert [r["variant"].label() for r in chosen] == [f"sam_adalora dec-full r4 lr1e-4 -max_eval {n}" for n in (100, 600)]
     apart = set_apart([run(0), run(1), run(0, "-adalora_init", "orthogonal")])
     labels = [r["variant"].label() for r in apart]
     assert labels[0] == labels[1] == "sam_adalora dec-full r4 lr1e-4 -adalora_init gaussian"
@@ -239,3 +244,22 @@ def test_a_table_of_runs_with_other_prompts_or_data_is_refused():
         check_shared_settings([run("zero_shot"), run("sam_lora", prompt="click")])
     with pytest.raises(UserError, match=r"-data_path E"):
         check_shared_settings([run("zero_shot"), run("sam_full", data_path="E")])
+
+
+def test_seeds_evaluated_on_different_numbers_of_images_are_refused(tmp_path):
+    from engine.compare import write_outputs
+
+    def run(seed: int, images: int, dice: float = 0.5) -> dict:
+        config = parse_args("train", ["-mod", "sam_lora", "-seed", str(seed), "-val_freq", "0", "-max_eval",
+                                      str(images), "-exp_name", "x"])[0].to_json()
+        history = [{"epoch": 1, "train_loss": 0.5, "trainable_params": 10, "sec_per_step": 1.0, "images_per_s": 4.0,
+                    "peak_mem_mb": 100.0}]
+        final = {"split": "test", "metrics": {"dice_mean": dice, "iou_mean": 0.4, "images": images},
+                 "total_params": 100, "wall_seconds": 60.0}
+        return {"variant": variant_of(config), "seed": seed, "config": config, "final": final, "history": history,
+                "ckpt_mb": 0.1}
+
+    with pytest.raises(UserError, match=r"sam_lora dec-full r4 \(seed 1\) was evaluated on a different number"):
+        write_outputs([run(0, 100), run(1, 600)], tmp_path)  # one row of two seeds: its mean would mix them
+    table = write_outputs([run(0, 600, 0.5), run(1, 600, 0.7)], tmp_path)  # the same count: one row of two seeds
+    assert "| sam_lora dec-full r4 | 0.6000 ± 0.1414 |" in table
