@@ -58,6 +58,7 @@ def main(argv=None) -> None:
     trainer.fit()
     best = run_dir / "best.safetensors"
     checkpoints.load_weights(best, model, get_mode(config.mod).saves_all)
+    total_params = sum(p.numel() for p in model.parameters())  # adapters included: counted before any merge
     if config.merge:  # the checkpoints are written: fold the adapters for a faster final evaluation
         merge_adapters(adaptation)
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
         checkpoints.write_json(run_dir / "final_metrics.json", {
             "split": split, "weights": "best", "merged": config.merge, "metrics": summary,
             "wall_seconds": time.time() - started,
-            "total_params": sum(p.numel() for p in model.parameters()), "per_image": per_image})
+            "total_params": total_params, "per_image": per_image})
         print(f"run folder: {run_dir}   figures: {figs_dir}")
     stop_runtime(runtime)
 

@@ -150,6 +150,8 @@ def test_merge_folds_the_final_evaluation_of_the_modes_that_merge(tmp_path):
               for mode in ("sam_adpt", "sam_lora")}
     assert finals["sam_lora"]["merged"] and not finals["sam_adpt"]["merged"]
     assert "best weights, merged" in result.stdout  # and the zero-shot row, which -merge cannot apply to, ran
+    base = json.loads((tmp_path / "ck" / "m_zero_shot" / "final_metrics.json").read_text())["total_params"]
+    assert finals["sam_lora"]["total_params"] > base  # the trainable share counts the adapters, merged or not
     out = tmp_path / "val.json"
     check = subprocess.run([sys.executable, "val.py", "-weights", str(tmp_path / "ck" / "m_sam_lora_seed0"),
                             "-json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
