@@ -98,6 +98,8 @@ isic2017-600: isic2017-sweeps
 	$(PYTHON) compare.py $(ISIC_600_FLAGS) -prompt box -mods sam_decoder,sam_adpt,sam_adalora -decoders full,lora \
 		-seeds 1 -exp_name isic_box_seed1
 	$(PYTHON) compare.py $(ISIC_600_FLAGS) -prompt box -mods sam_lora -decoders full -seeds 1 -exp_name isic_box_seed1
+	$(PYTHON) compare.py $(ISIC_600_FLAGS) -prompt box -mods sam_dora -decoders lora,full -seeds 1 -merge \
+		-exp_name isic_box_seed1
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_click_600 -runs '$(C)_lrs_sam_lora_dec-lora_lr5e-3_seed*,$(C)_lrs_sam_adpt_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_adalora_dec-lora_lr5e-3_seed0,$(C)_lrs_sam_full_lr1e-4_seed*,$(C)_sam_lora_dec-lora_seed0,$(C)_sam_full_seed0,$(C)_n256_*'
 	$(PYTHON) compare.py -max_eval 600 -exp_name isic_box_600 -runs '$(B)_lrs_sam_lora_dec-lora_lr5e-3_seed0,$(B)_lrs_sam_full_lr1e-4_seed0,$(B)_sam_lora_dec-lora_seed0,$(B)_sam_full_seed0,$(B)_n256_*,$(B)_elr_*'
 	for run in $(B)_sam_dora_dec-full_seed0 $(B)_sam_dora_dec-lora_seed0 $(C)_sam_dora_dec-full_seed0 \
