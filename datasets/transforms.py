@@ -7,13 +7,13 @@ is much cheaper on large photographs), then pads bottom/right with zeros to S x 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import cv2
+import numpy as np
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+if TYPE_CHECKING:
+    import albumentations as A
 
 AUG_LEVELS = ("none", "light", "strong")
 
@@ -26,6 +26,9 @@ def build_augment(level: str) -> Optional[A.Compose]:
     """
     if level == "none":
         return None
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A  # imported by the training sets only: a process that builds none skips its 60 MB
+
     steps = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5),
              A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5)]
     if level == "strong":

@@ -42,3 +42,16 @@ def test_benchmark_rows(tmp_path):
     assert 0 < float(lora["matmul_fraction"]) and float(lora["infer_merged_ms"]) > 0
     assert adapter["infer_merged_ms"] == ""  # Adapters cannot be merged
     assert "| mobile_sam |" in out.with_suffix(".md").read_text()
+
+
+def test_a_training_step_imports_no_data_libraries_it_does_not_use():
+    """monai (about 5 s and 100 MB) is not the loss's, and albumentations is imported only by a set that
+    augments: the benchmark's child processes and val.py build neither, and their peak memory shows it."""
+    script = ("import sys\n"
+              "import engine.benchmark, engine.trainer, engine.validation\n"
+              "loaded = sorted(m for m in ('monai', 'albumentations') if m in sys.modules)\n"
+              "assert not loaded, loaded\n"
+              "from datasets.transforms import build_augment\n"
+              "assert build_augment('light') is not None and 'albumentations' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -288,13 +288,19 @@ def test_state_tensor_of_a_rank_without_images_sums_correctly():
 # ----------------------------------------------------------------------------- loss
 
 
-def test_per_class_dice_ce_is_mean_of_monai_per_channel():
+@pytest.mark.parametrize("soft_target", [False, True])  # soft: masks resized bilinearly to the model size
+def test_per_class_dice_ce_is_mean_of_monai_per_channel(soft_target):
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 6, 6, generator=generator)
-    target = (torch.rand(2, 3, 6, 6, generator=generator) > 0.6).float()
+    logits = (3 * torch.randn(2, 3, 6, 6, generator=generator)).requires_grad_(True)
+    target = torch.rand(2, 3, 6, 6, generator=generator)
+    target = target if soft_target else (target > 0.6).float()
     reference = DiceCELoss(sigmoid=True)
     expected = torch.stack([reference(logits[:, c:c + 1], target[:, c:c + 1]) for c in range(3)]).mean()
-    assert PerClassDiceCE()(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    loss = PerClassDiceCE()(logits, target)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
 
 
 def test_per_class_dice_ce_hand_computed_at_zero_logits():
