@@ -42,20 +42,22 @@ def add_low_rank(out: Tensor, low_rank: Tensor, up: Tensor, alpha: float = 1.0) 
 
 
 class LowRankLinear(torch.autograd.Function):
-    """`x (W + up @ down)^T + b` for a frozen W and b, with gradients for x, down (r x in) and up (out x r)."""
+    """`x (W + up @ down)^T + b` for a frozen W and b, with gradients for x, down (r x in) and up (out x r).
+
+    The merged weight is formed again in backward rather than saved: one rank-r product per layer, where
+    keeping it would hold a copy of every adapted weight from forward to backward (340 MB for SAM ViT-B)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor, up: Tensor) -> Tensor:
-        merged = torch.addmm(weight, up, down)
-        ctx.save_for_backward(x, merged, down, up)
-        out = F.linear(x.reshape(-1, x.shape[-1]), merged, bias)
+        ctx.save_for_backward(x, weight, down, up)
+        out = F.linear(x.reshape(-1, x.shape[-1]), torch.addmm(weight, up, down), bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, merged, down, up = ctx.saved_tensors
+        x, weight, down, up = ctx.saved_tensors
         tokens, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        grad_x = (grad @ merged).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = (grad @ torch.addmm(weight, up, down)).view(x.shape) if ctx.needs_input_grad[0] else None
         grad_down = (grad @ up).t().mm(tokens) if ctx.needs_input_grad[3] else None
         grad_up = (tokens @ down.t()).t().mm(grad).t().contiguous() if ctx.needs_input_grad[4] else None
         return grad_x, None, None, grad_down, grad_up
