@@ -90,6 +90,15 @@ isic2017-600: isic2017-sweeps
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_full -lr 1e-4 -exp_name isic_box_n256_sam_full_lr1e-4_seed0
 	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_adalora -decoder lora -lr 1e-3 -adalora_e_lr_ratio 20 \
 		-exp_name isic_box_n256_sam_adalora_dec-lora_lr1e-3_elr20_seed0
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_adalora -decoder lora -lr 1e-3 -adalora_e_lr_ratio 20 \
+		-seed 1 -exp_name isic_box_n256_sam_adalora_dec-lora_lr1e-3_elr20_seed1  # a second seed at four times the budget
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_lora -decoder lora -lr 5e-3 -seed 1 \
+		-exp_name isic_box_n256_sam_lora_dec-lora_lr5e-3_seed1
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_full -lr 1e-4 -seed 1 -exp_name isic_box_n256_sam_full_lr1e-4_seed1
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt click -mod sam_dora -decoder lora -lr 1e-3 -merge \
+		-exp_name isic_click_n256_sam_dora_dec-lora_lr1e-3_seed0  # DoRA at four times the budget, LoRA's best rates
+	$(PYTHON) train.py $(ISIC_N256_FLAGS) -prompt box -mod sam_dora -decoder lora -lr 5e-3 -merge \
+		-exp_name isic_box_n256_sam_dora_dec-lora_lr5e-3_seed0
 	$(PYTHON) compare.py $(ISIC_FLAGS) -prompt box -mods sam_lora,sam_full -decoders lora -seeds 1 -exp_name isic_box  # a second seed
 	$(PYTHON) compare.py $(ISIC_600_FLAGS) -prompt click -mods sam_decoder,sam_adpt,sam_lora,sam_adalora,sam_full \
 		-decoders full,lora -seeds 1 -exp_name isic_click_seed1  # a second seed for the main tables, tested on 600
