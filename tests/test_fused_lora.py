@@ -96,7 +96,6 @@ def test_frozen_float32_base_takes_one_product_with_the_merged_weight():
     assert len(rank_products_over_tokens(plain)) >= 4  # peft: B's product forward, dx and dB per layer
 
 
-
 def test_backward_keeps_no_copy_of_the_merged_weight():
     # saving W + s B A for backward would hold a copy of every adapted weight through the whole forward
     model = adapted(True)
@@ -106,6 +105,7 @@ def test_backward_keeps_no_copy_of_the_merged_weight():
         model(torch.randn(2, 7, 12, requires_grad=True)).sum().backward()
     weight_sized = [t for t in saved if t.shape in weights.values()]
     assert weight_sized and all(t.data_ptr() in weights for t in weight_sized)
+
 
 def test_trainable_base_keeps_the_addmm_path_with_peft_gradients():
     x = torch.randn(2, 7, 12)
