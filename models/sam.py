@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .frozen_prefix import install_frozen_prefix
 from .preprocess import standardise
 from .registry import register_net
+from .sam_vit_blocks import keep_less_for_backward
 from .sam_decoder import SAM_PIXEL_MEAN, SAM_PIXEL_STD, BatchedMaskDecoder, sam_mask_decoder, sam_prompt_encoder
 from .segmenter import AdaptTargets, PromptableSegmenter, Prompts
 
@@ -68,9 +69,11 @@ SAM_VIT_TARGETS = AdaptTargets(
 
 def sam_vit_encoder(image_size: int, embed_dim: int, depth: int, num_heads: int,
                     global_attn_indexes: tuple[int, ...]) -> ImageEncoderViT:
-    return ImageEncoderViT(img_size=image_size, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                           mlp_ratio=4, out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                           use_rel_pos=True, window_size=14, global_attn_indexes=global_attn_indexes)
+    encoder = ImageEncoderViT(img_size=image_size, patch_size=16, embed_dim=embed_dim, depth=depth,
+                              num_heads=num_heads, mlp_ratio=4, out_chans=256, qkv_bias=True,
+                              norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=14,
+                              global_attn_indexes=global_attn_indexes)
+    return keep_less_for_backward(encoder)
 
 
 def build_sam_vit(encoder: str, image_size: int, num_classes: int, **overrides) -> SamStyleSegmenter:

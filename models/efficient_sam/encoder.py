@@ -4,6 +4,10 @@ Module and parameter names follow the official checkpoints (`patch_embed.proj`, 
 `blocks.N.mlp.fc1`, `neck.0..3`, ...). The position table keeps its 224-pixel pretraining layout
 (1, 1 + 14*14, D); at every forward the cls slot is dropped and the 14 x 14 grid is resized bicubically
 to the token grid, so one checkpoint works for every image size that is a multiple of 16.
+
+The normed block inputs and the GELU output, which the adapted linears save for backward, are stored as
+recipes (models/saved_tensors.py), as in TinyViT and SAM's ViT. The attention output needs none: torch's
+fused kernel lays it out token-major, so `proj`'s input is a view of the output the kernel keeps anyway.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d  # channel LayerNorm, eps 1e-6
 from torch import Tensor, nn
 
+from ..saved_tensors import cast_for_matmul, saved_as_recipe
 from ..segmenter import AdaptTargets
 
 PATCH_SIZE = 16
@@ -59,6 +64,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -66,7 +73,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        activated = self.act(hidden)
+        with saved_as_recipe(activated, lambda: self.act(hidden)):
+            return self.fc2(activated)
 
 
 class Block(nn.Module):
@@ -80,8 +90,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        normed = cast_for_matmul(self.norm1(x))
+        dtype = normed.dtype  # the recipes must not hold `normed` itself
+        with saved_as_recipe(normed, lambda: self.norm1(x).to(dtype)):
+            residual = x + self.attn(normed)
+        normed = cast_for_matmul(self.norm2(residual))
+        with saved_as_recipe(normed, lambda: self.norm2(residual).to(dtype)):
+            return residual + self.mlp(normed)
 
 
 class EfficientSamViT(nn.Module):

@@ -1,0 +1,112 @@
+"""SAM's and EfficientSAM's ViT blocks store the inputs of their adapted linears as recipes (saved_tensors):
+the same numbers as storing them, and those inputs freed after forward."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from segment_anything.modeling.image_encoder import Block
+from torch import nn
+
+from models.efficient_sam.encoder import Block as EfficientSamBlock
+from models.modes.adaptation import take_autocast_inputs_as_given
+from models.sam_vit_blocks import keep_less_for_backward
+from models.saved_tensors import without_recipes
+
+DIM, HEADS, SIDE = 32, 4, 6
+ADAPTED = {"sam": ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2"),
+           "efficient_sam": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+
+
+def randomised(block: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.1)
+    return block
+
+
+def sam_block(window_size: int) -> nn.Module:
+    torch.manual_seed(0)
+    return randomised(Block(DIM, HEADS, window_size=window_size, use_rel_pos=True, input_size=(SIDE, SIDE)))
+
+
+def with_lora(block: nn.Module, family: str) -> nn.Module:
+    torch.manual_seed(1)
+    config = LoraConfig(r=2, target_modules=list(ADAPTED[family]), init_lora_weights=False)
+    return take_autocast_inputs_as_given(inject_adapter_in_model(config, block))
+
+
+def lean_lora_block(kind: str) -> tuple[nn.Module, str, torch.Tensor]:
+    """A frozen block with LoRA on its four linears, as -mod sam_lora builds it, and an input needing grad."""
+    if kind == "efficient_sam":
+        torch.manual_seed(0)
+        block, family, x = randomised(EfficientSamBlock(DIM, HEADS, mlp_ratio=4.0)), kind, torch.randn(2, SIDE * SIDE, DIM)
+    else:  # sam windowed (5-token windows: padded) or global
+        block, family, x = keep_less_for_backward(sam_block(5 if kind == "sam_windowed" else 0)), "sam", torch.randn(2, SIDE, SIDE, DIM)
+    return with_lora(block, family), family, x.requires_grad_()
+
+
+KINDS = ["sam_windowed", "sam_global", "efficient_sam"]
+
+
+def output_and_gradients(block: nn.Module, x: torch.Tensor, context, amp: bool) -> list[torch.Tensor]:
+    x.grad = None
+    block.zero_grad()
+    with context(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = block(x)
+    out.float().square().sum().backward()
+    return [out.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("window_size", [0, 5])
+def test_the_lean_sam_block_gives_segment_anythings_numbers(window_size):
+    reference = with_lora(sam_block(window_size), "sam")
+    lean = with_lora(keep_less_for_backward(sam_block(window_size)), "sam")
+    assert lean.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(2, SIDE, SIDE, DIM, requires_grad=True)
+    results = [output_and_gradients(block, x, contextlib.nullcontext, amp=False) for block in (reference, lean)]
+    assert len(results[0]) == 2 + 8  # output, input gradient, four LoRA pairs
+    for value, expected in zip(*results):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_recipes_give_the_same_output_and_gradients_as_saving_the_tensors(kind, amp):
+    block, _, x = lean_lora_block(kind)
+    results = [output_and_gradients(block, x, context, amp) for context in (contextlib.nullcontext, without_recipes)]
+    for value, expected in zip(*results):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("recipes", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_adapted_linears_inputs_are_freed_after_forward(kind, recipes, amp):
+    block, family, x = lean_lora_block(kind)
+    kept = {}
+    for name in ADAPTED[family]:
+        block.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: kept.__setitem__(name, weakref.ref(args[0].untyped_storage())))
+    with contextlib.nullcontext() if recipes else without_recipes(), torch.autocast("cpu", enabled=amp):
+        out = block(x)
+    gc.collect()
+    # EfficientSAM's proj input is a view of the fused attention kernel's output, which that kernel keeps
+    # for its own backward (it lays it out token-major): no extra storage either way
+    aliased = "attn.proj" if family == "efficient_sam" else None
+    assert {name: ref() is None for name, ref in kept.items()} == {name: recipes and name != aliased
+                                                                   for name in ADAPTED[family]}
+    out.float().sum().backward()
+
+
+def test_keeping_less_leaves_every_other_module_and_key_as_it_was():
+    plain, lean = sam_block(5), keep_less_for_backward(sam_block(5))
+    assert [name for name, _ in lean.named_modules()] == [name for name, _ in plain.named_modules()]
+    assert all(torch.equal(a, b) for a, b in zip(lean.state_dict().values(), plain.state_dict().values()))
+    assert isinstance(lean, Block) and type(lean) is not Block
+    assert keep_less_for_backward(copy.deepcopy(lean)).__class__ is type(lean)  # idempotent
