@@ -15,6 +15,7 @@ Modes without a peft tuner (sam_adpt, sam_full, sam_decoder) write no peft folde
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.modes.adaptation import Adaptation
+from models.modes.lora_layer import LoraTuner
 
 PEFT_DIR = "peft"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", \
@@ -43,13 +45,16 @@ class _AsPeftModel(nn.Module):
 
 
 def peft_state(adaptation: Adaptation) -> tuple[dict, object]:
-    """(peft-named adapter tensors, the peft config to save with them) of a tuner-backed adaptation.
+    """(peft-named adapter tensors, the peft config to save with them: a dict of its fields for the project's
+    own LoRA, peft's config object otherwise) of a tuner-backed adaptation.
 
     peft's `get_peft_model_state_dict` names the tensors (drops the adapter name, prunes AdaLoRA by its rank
     pattern); it rewrites the config's rank pattern while doing so, hence the copy."""
+    tuner = adaptation.tuner
+    if isinstance(tuner, LoraTuner):
+        return tuner.peft_state()
     from peft import get_peft_model_state_dict
 
-    tuner = adaptation.tuner
     original = tuner.peft_config["default"]
     tuner.peft_config["default"] = copy.deepcopy(original)
     try:
@@ -78,8 +83,11 @@ def write_peft_folder(folder: Path, model: nn.Module, adaptation: Adaptation,
     folder.mkdir(parents=True, exist_ok=True)
     tensors, config = peft_state(adaptation)
     atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    config.inference_mode = True
-    config.save_pretrained(str(folder))
+    if isinstance(config, dict):  # the project's own LoRA: peft's config fields, written as peft writes them
+        atomic_write(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    else:
+        config.inference_mode = True
+        config.save_pretrained(str(folder))
     decoder = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                if k.startswith("mask_decoder.")}
     atomic_write(folder / DECODER_WEIGHTS, lambda tmp: save_file(decoder, tmp, metadata=metadata or {}))

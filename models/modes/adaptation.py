@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor, nn
+
+from .lora_layer import LoraTuner
 
 
 @dataclass
@@ -13,8 +15,9 @@ class Adaptation:
     """The result of adapting a segmenter: hooks into the training loop for one mode."""
 
     mode: str
-    tuner: Optional[nn.Module] = None  # the peft tuner (LoRA/DoRA/AdaLoRA) for merging and rank allocation
-    decoder_tuner: Optional[nn.Module] = None  # the mask decoder's LoRA tuner (`decoder="lora"`), for merging
+    tuner: Optional[Any] = None  # the encoder's LoRA-family tuner (lora_layer.LoraTuner, or peft's for DoRA and
+    # AdaLoRA): `merge_and_unload()` folds it away
+    decoder_tuner: Optional[Any] = None  # the mask decoder's LoraTuner (`decoder="lora"`), for merging
     lr_ratios: dict = field(default_factory=dict)  # parameter-name fragment -> its learning rate as a multiple of -lr
 
     def extra_loss(self) -> Optional[Tensor]:
@@ -41,11 +44,11 @@ DECODER_LORA_RANK = 4
 
 
 def freeze_all_but_decoder(segmenter: nn.Module, decoder: str = "full",
-                           rank: int = DECODER_LORA_RANK) -> Optional[nn.Module]:
+                           rank: int = DECODER_LORA_RANK) -> Optional[LoraTuner]:
     """The PEFT setting: everything frozen, then the mask decoder trained fully ("full"), through LoRA of
     rank `rank` on its transformer's attention and MLP linears ("lora", as declared by the decoder's
     `lora_targets`), or not at all ("frozen"). Modes then unfreeze their encoder adapters. Returns the
-    decoder's peft tuner for "lora", else None."""
+    decoder's LoraTuner for "lora", else None."""
     if decoder not in DECODER_CHOICES:
         raise ValueError(f"decoder must be one of {', '.join(DECODER_CHOICES)}, not {decoder}")
     segmenter.requires_grad_(False)
@@ -53,12 +56,7 @@ def freeze_all_but_decoder(segmenter: nn.Module, decoder: str = "full",
         segmenter.mask_decoder.requires_grad_(True)
     if decoder != "lora":
         return None
-    from peft.tuners.lora import LoraModel
-
-    from .fused_lora import fused_lora_config
-
-    config = fused_lora_config(r=rank, lora_alpha=rank, target_modules=segmenter.mask_decoder.lora_targets)
-    return take_autocast_inputs_as_given(LoraModel(segmenter.mask_decoder, config, "default"))
+    return LoraTuner(segmenter.mask_decoder, segmenter.mask_decoder.lora_targets, rank, rank, 0.0)
 
 
 def take_autocast_inputs_as_given(tuner: nn.Module) -> nn.Module:

@@ -1,13 +1,13 @@
-"""sam_lora / sam_dora: peft LoRA (or DoRA) on the encoder's attention and MLP linears."""
+"""sam_lora / sam_dora: LoRA (the project's own layer, lora_layer.py) or DoRA (peft's) on the encoder's
+attention and MLP linears; with `lora_conv`, peft's LoRA also on the declared convolutions."""
 from __future__ import annotations
 
 from typing import Optional
 
-from peft.tuners.lora import LoraModel
 from torch import nn
 
 from .adaptation import Adaptation, freeze_all_but_decoder, take_autocast_inputs_as_given
-from .fused_lora import fused_lora_config
+from .lora_layer import LoraTuner
 
 DEFAULT_RANK = 4
 
@@ -24,9 +24,17 @@ def _apply(segmenter: nn.Module, use_dora: bool, mid_dim: Optional[int], lora_al
            lora_dropout: float, lora_conv: bool, decoder: str) -> Adaptation:
     rank = mid_dim or DEFAULT_RANK
     decoder_tuner = freeze_all_but_decoder(segmenter, decoder, rank)
-    lora_config = fused_lora_config(r=rank, lora_alpha=lora_alpha or rank, lora_dropout=lora_dropout,
-                                     target_modules=lora_target_regex(segmenter, lora_conv), use_dora=use_dora)
-    tuner = take_autocast_inputs_as_given(LoraModel(segmenter.image_encoder, lora_config, "default"))
+    targets = lora_target_regex(segmenter, lora_conv)
+    if use_dora or lora_conv:  # peft's layers: DoRA's magnitude, LoRA on convolutions
+        from peft.tuners.lora import LoraModel
+
+        from .fused_lora import fused_lora_config
+
+        config = fused_lora_config(r=rank, lora_alpha=lora_alpha or rank, lora_dropout=lora_dropout,
+                                   target_modules=targets, use_dora=use_dora)
+        tuner = take_autocast_inputs_as_given(LoraModel(segmenter.image_encoder, config, "default"))
+    else:
+        tuner = LoraTuner(segmenter.image_encoder, targets, rank, lora_alpha or rank, lora_dropout)
     return Adaptation("sam_dora" if use_dora else "sam_lora", tuner=tuner, decoder_tuner=decoder_tuner)
 
 
