@@ -41,7 +41,35 @@ class Conv2dBN(nn.Module):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = self.c.weight * scale.view(-1, 1, 1, 1)
         bias = bn.bias - bn.running_mean * scale
-        return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
+        conv = (self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
+        if x.requires_grad and not weight.requires_grad and not bias.requires_grad and torch.is_grad_enabled():
+            return FrozenConv2d.apply(x, weight, bias, *conv)
+        return F.conv2d(x, weight, bias, *conv)
+
+
+class FrozenConv2d(torch.autograd.Function):
+    """`conv2d(x, weight, bias)` for a weight and bias that need no gradient, keeping only the weight for
+    backward: the input's gradient needs no input, but autograd's convolution keeps it anyway (on LiteMedSAM
+    at 256 px, batch 2, the frozen depthwise and patch-merging convolutions of a LoRA step kept 150 MB).
+    Under autocast the inputs are cast as autocast casts a convolution's, and the gradient is taken in that
+    dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        weight = weight.to(dtype)
+        ctx.save_for_backward(weight)
+        ctx.conv = (x.shape, x.dtype, stride, padding, dilation, groups)
+        with torch.autocast(device, enabled=False):
+            return F.conv2d(x.to(dtype), weight, bias.to(dtype), stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups = ctx.conv
+        grad_x = torch.nn.grad.conv2d_input(shape, weight, grad.to(weight.dtype), stride, padding, dilation, groups)
+        return grad_x.to(dtype), None, None, None, None, None, None
 
 
 class PatchEmbed(nn.Module):

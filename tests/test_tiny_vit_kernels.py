@@ -49,6 +49,51 @@ def test_eval_mode_batchnorm_is_folded_with_the_same_output_and_gradients(groups
         torch.testing.assert_close(folded_value, reference, rtol=1e-5, atol=1e-5)
 
 
+def folded_conv(layer: Conv2dBN, x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode fold written out with autograd's own convolution."""
+    bn = layer.bn
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return F.conv2d(x, layer.c.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale,
+                    layer.c.stride, layer.c.padding, layer.c.dilation, layer.c.groups)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups, stride", [(1, 1), (8, 1), (8, 2)])
+def test_a_frozen_folded_conv_gives_autograd_s_output_and_input_gradient(groups, stride, channels_last, amp):
+    layer = randomised_conv_bn(groups).eval().requires_grad_(False)
+    layer.c.stride = (stride, stride)
+    x = torch.randn(2, 8, 9, 9)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x.requires_grad_()
+    results = []
+    for forward in (layer, lambda x: folded_conv(layer, x)):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = forward(x)
+        out.float().square().sum().backward()
+        results.append([out.detach(), x.grad.clone(), out.is_contiguous(memory_format=torch.channels_last)])
+    assert results[0][0].dtype == (torch.bfloat16 if amp else torch.float32)
+    assert results[0][2] == results[1][2]  # the same memory format out
+    tolerance = 1e-2 if amp else 1e-5  # the input gradient may come from another kernel (sums reordered)
+    for value, reference in zip(results[0][:2], results[1][:2]):
+        torch.testing.assert_close(value, reference, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_folded_conv_keeps_no_input_for_backward(frozen):
+    layer = randomised_conv_bn(8).eval().requires_grad_(not frozen)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    hidden = x * 2  # an activation: freed after forward unless the convolution keeps it
+    kept = weakref.ref(hidden.untyped_storage())
+    out = layer(hidden)
+    del hidden
+    gc.collect()
+    assert (kept() is None) == frozen
+    out.sum().backward()
+    assert x.grad is not None
+
+
 def test_train_mode_batchnorm_uses_batch_statistics_and_updates_them():
     layer = randomised_conv_bn().train()
     before = layer.bn.running_mean.clone()
