@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.modes.adaptation import Adaptation
-from models.modes.lora_layer import LoraTuner
+from models.modes.lora_layer import LowRankTuner
 
 PEFT_DIR = "peft"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", \
@@ -33,43 +32,26 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER_WEIGHTS = "adapter_config.json", "adapt
 
 class _AsPeftModel(nn.Module):
     """The tuner under the attribute PeftModel gives it (`base_model`), so state-dict keys carry PeftModel's
-    names; peft's state-dict helpers read `peft_config` and AdaLoRA's `resize_state_dict_by_rank_pattern`."""
+    names; peft's state-dict helper reads `peft_config`."""
 
     def __init__(self, tuner: nn.Module):
         super().__init__()
         self.base_model = tuner
         self.peft_config = tuner.peft_config
 
-    def resize_state_dict_by_rank_pattern(self, *args, **kwargs):
-        return self.base_model.resize_state_dict_by_rank_pattern(*args, **kwargs)
-
 
 def peft_state(adaptation: Adaptation) -> tuple[dict, object]:
-    """(peft-named adapter tensors, the peft config to save with them: a dict of its fields for the project's
-    own LoRA, peft's config object otherwise) of a tuner-backed adaptation.
-
-    peft's `get_peft_model_state_dict` names the tensors (drops the adapter name, prunes AdaLoRA by its rank
-    pattern); it rewrites the config's rank pattern while doing so, hence the copy."""
+    """(peft-named adapter tensors, the peft config to save with them) of a tuner-backed adaptation: the
+    project's own LoRA / AdaLoRA give both themselves (the config as a dict of peft's fields); for peft's
+    tuners (DoRA, `-lora_conv`) peft's `get_peft_model_state_dict` names the tensors (drops the adapter
+    name, `base_model.model.<module>...`)."""
     tuner = adaptation.tuner
-    if isinstance(tuner, LoraTuner):
+    if isinstance(tuner, LowRankTuner):
         return tuner.peft_state()
     from peft import get_peft_model_state_dict
 
-    original = tuner.peft_config["default"]
-    tuner.peft_config["default"] = copy.deepcopy(original)
-    try:
-        # named as PeftModel holds them (base_model.model.<module>...): AdaLoRA's rank-pattern pruning looks
-        # its tensors up under those names
-        with warnings.catch_warnings():
-            # AdaLoRA can prune a layer to rank 0, and its tensors are then zero-sized; peft warns about such
-            # tensors as if they were unsharded DeepSpeed/FSDP parameters, which nothing here uses
-            warnings.filterwarnings("ignore", message=".*LoRA tensor.*have invalid shape.*")
-            tensors = get_peft_model_state_dict(_AsPeftModel(tuner), adapter_name="default",
-                                                save_embedding_layers=False)
-        config = tuner.peft_config["default"]
-    finally:
-        tuner.peft_config["default"] = original
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, config
+    tensors = get_peft_model_state_dict(_AsPeftModel(tuner), adapter_name="default", save_embedding_layers=False)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, copy.deepcopy(tuner.peft_config["default"])
 
 
 def write_peft_folder(folder: Path, model: nn.Module, adaptation: Adaptation,
@@ -83,7 +65,7 @@ def write_peft_folder(folder: Path, model: nn.Module, adaptation: Adaptation,
     folder.mkdir(parents=True, exist_ok=True)
     tensors, config = peft_state(adaptation)
     atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    if isinstance(config, dict):  # the project's own LoRA: peft's config fields, written as peft writes them
+    if isinstance(config, dict):  # the project's own LoRA / AdaLoRA: peft's config fields, as peft writes them
         atomic_write(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     else:
         config.inference_mode = True

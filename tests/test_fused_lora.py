@@ -1,18 +1,17 @@
-"""FusedLoraLinear and FusedSVDLinear give peft's LoRA and AdaLoRA numbers, gradients, state dict and merge,
-and leave the cases they do not fuse (dropout, DoRA, disabled adapters) to peft's own forward."""
+"""FusedLoraLinear (peft's LoRA layer on the fused arithmetic of low_rank.py, for DoRA and -lora_conv) gives
+peft's numbers, gradients, state dict and merge, and leaves the cases it does not fuse (dropout, DoRA,
+disabled adapters) to peft's own forward."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from peft import AdaLoraConfig, LoraConfig, inject_adapter_in_model
-from peft.tuners.adalora import AdaLoraModel
-from peft.tuners.adalora.layer import SVDLinear
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from models.modes.fused_lora import FusedLoraLinear, FusedSVDLinear, fusable_adapter, fuse_svd_linears, fused_lora_config
+from models.modes.fused_lora import FusedLoraLinear, fusable_adapter, fused_lora_config
 
 
 # float32 results summed in another order (peft's ops against the fused ones; the threaded BLAS splits its sums
@@ -30,17 +29,6 @@ def adapted(fused: bool, **options) -> nn.Module:
     config = fused_lora_config(**options) if fused else LoraConfig(**options)
     torch.manual_seed(1)
     return inject_adapter_in_model(config, mlp())
-
-
-def adapted_adalora(fused: bool) -> nn.Module:
-    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["0", "2"], total_step=10)
-    torch.manual_seed(1)
-    tuner = AdaLoraModel(mlp(), config, "default")
-    with torch.no_grad():
-        for name, param in tuner.named_parameters():
-            if "lora_E" in name:
-                param.normal_()  # peft starts E at zero, which would hide B's gradient
-    return (fuse_svd_linears(tuner) if fused else tuner).model
 
 
 def step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -122,18 +110,6 @@ def test_trainable_base_keeps_the_addmm_path_with_peft_gradients():
     # input gradients (base and branch) in backward
     assert "aten::mul" not in fused_passes and plain_passes.count("aten::mul") == 4
     assert len(plain_passes) - len(fused_passes) == 6, (plain_passes, fused_passes)
-
-
-def test_fused_adalora_layer_gives_peft_output_gradients_and_fewer_full_width_passes():
-    x = torch.randn(2, 7, 12)
-    fused, plain = adapted_adalora(True), adapted_adalora(False)
-    assert type(fused[0]) is FusedSVDLinear and type(plain[0]) is SVDLinear
-    results = step(fused, x), step(plain, x)
-    assert len(results[0]) == 2 + 6  # output, input gradient, two (A, B, E) triples
-    for value, reference in zip(*results):
-        torch.testing.assert_close(value, reference, **REORDERED_SUMS)
-    fused_passes, plain_passes = full_width_elementwise(fused), full_width_elementwise(plain)
-    assert "aten::mul" not in fused_passes and len(fused_passes) < len(plain_passes), (fused_passes, plain_passes)
 
 
 @pytest.mark.parametrize("options", [dict(lora_dropout=0.1), dict(use_dora=True)])

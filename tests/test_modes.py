@@ -12,6 +12,8 @@ import pytest
 from conftest import missing
 import torch
 import torch.nn.functional as F
+from peft import AdaLoraConfig
+from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
 from cfg import Config
@@ -22,7 +24,9 @@ from models import build_segmenter
 from models.activation_checkpointing import enable_activation_checkpointing, enable_mlp_recompute
 from models.merge import merge_adapters, official_state
 from models.modes import apply_mode, get_mode, mode_names
+from models.modes.adalora import adalora_schedule, orthogonal_regulariser
 from models.modes.adaptation import parameter_table
+from models.modes.rank_budget import RankBudget
 from models.segmenter import Prompts
 
 SIZE = 64
@@ -373,8 +377,8 @@ def test_adalora_prunes_to_the_target_budget_with_one_allocator() -> None:
     budget = adaptation.budget
     assert adaptation.total_rank() == 6 * linears
     assert (budget.init_budget, budget.target_budget) == (6 * linears, 2 * linears)
-    config = adaptation.tuner.peft_config["default"]
-    assert (config.total_step, config.tinit, config.tfinal, config.deltaT) == (30, 3, 6, 1)
+    schedule = adaptation.tuner.schedule
+    assert (schedule.total_step, schedule.tinit, schedule.tfinal, schedule.deltaT) == (30, 3, 6, 1)
 
     ranks, snapshot = [], None
     for step in range(1, total + 1):
@@ -397,7 +401,7 @@ def test_adalora_prunes_to_the_target_budget_with_one_allocator() -> None:
     assert 2 * linears < ranks[9] < 6 * linears
     assert ranks[-1] <= 2 * linears and ranks[-1] >= 2 * linears - 2, ranks
     assert len(set(ranks[23:])) == 1, "ranks stay fixed during the final phase"
-    kept = sum(sum(pattern) for pattern in config.rank_pattern.values())
+    kept = sum(sum(pattern) for pattern in adaptation.tuner.rank_pattern.values())
     assert kept == 2 * linears == ranks[-1]
     nonzero = sum(int(torch.count_nonzero(e)) for e in lora_e(model).values())
     assert nonzero <= kept, "the pruned singular values are exactly zero"
@@ -422,30 +426,47 @@ def test_adalora_prunes_to_the_target_budget_with_one_allocator() -> None:
         torch.testing.assert_close(lora_e(resumed)[module], value, atol=1e-6, rtol=0)
 
 
+def peft_adalora_run(total_steps: int):
+    """adalora_run's net adapted by peft's own AdaLoraModel instead: the same seed-0 base, decoder trained, and
+    the same starting tensors (checked); its orthogonality loss is the mode's regulariser over peft's layers."""
+    model = build("sam-tiny").requires_grad_(False)
+    model.mask_decoder.requires_grad_(True)
+    defaults = Config()
+    schedule = adalora_schedule(total_steps, defaults.adalora_tinit, defaults.adalora_tfinal, defaults.adalora_delta_t)
+    config = AdaLoraConfig(init_r=6, target_r=2, lora_alpha=6, target_modules=model.adapt_targets.linears, **schedule)
+    tuner = AdaLoraModel(model.image_encoder, config, "default")
+    model.train()
+    layers = RankBudget(tuner.model, tuner.peft_config["default"])  # only for its parameter lists
+    orthogonality = lambda: defaults.adalora_orth_reg * orthogonal_regulariser(layers.params[0::3],  # noqa: E731
+                                                                                layers.params[2::3])
+    return model, tuner, orthogonality, torch.optim.AdamW(trainable(model).values(), lr=2e-3)
+
+
 def test_rank_budget_follows_peft_rank_allocator_step_for_step() -> None:
-    """Two identical runs, one pruned by our RankBudget, one by peft's own update_and_allocate: the same
-    importance scores, the same allocation at every step, the same singular values."""
+    """Two identical runs, one pruned by our RankBudget on our layers, one by peft's own update_and_allocate
+    on peft's layers: the same importance scores, the same allocation at every step, the same singular values."""
     total = 30
-    ours, peft_run = adalora_run(total), adalora_run(total)
+    model, adaptation, optimizer = adalora_run(total)
+    peft_model, tuner, orthogonality, peft_optimizer = peft_adalora_run(total)
+    assert all(torch.equal(value, peft_model.state_dict()[key]) for key, value in model.state_dict().items())
     for step in range(1, total + 1):
-        for model, adaptation, optimizer in (ours, peft_run):
-            loss = task_loss(forward(model)) + adaptation.extra_loss()
-            loss.backward()
-            optimizer.step()
-        ours[1].after_backward(step)
-        peft_run[1].tuner.update_and_allocate(step)
-        allocator, budget = peft_run[1].tuner.rankallocator, ours[1].budget
+        for net, extra, opt in ((model, adaptation.extra_loss, optimizer), (peft_model, orthogonality, peft_optimizer)):
+            (task_loss(forward(net)) + extra()).backward()
+            opt.step()
+        adaptation.after_backward(step)
+        tuner.update_and_allocate(step)
+        allocator, budget = tuner.rankallocator, adaptation.budget
         for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
             theirs, mine = getattr(allocator, key), budget.state_dict()[key]
             assert set(mine) == set(theirs), (step, key)
             for name in theirs:
                 torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-9)
-        assert ours[1]._config.rank_pattern == peft_run[1]._config.rank_pattern, f"allocation differs at step {step}"
-        for name, value in lora_e(peft_run[0]).items():
-            torch.testing.assert_close(lora_e(ours[0])[name], value, rtol=1e-4, atol=1e-7)
-        for _, _, optimizer in (ours, peft_run):
-            optimizer.zero_grad(set_to_none=True)
-    assert sum(sum(kept) for kept in ours[1]._config.rank_pattern.values()) == ours[1].budget.target_budget
+        assert adaptation.tuner.rank_pattern == tuner.peft_config["default"].rank_pattern, f"allocation at step {step}"
+        for name, value in lora_e(peft_model).items():
+            torch.testing.assert_close(lora_e(model)[name], value, rtol=1e-4, atol=1e-7)
+        for opt in (optimizer, peft_optimizer):
+            opt.zero_grad(set_to_none=True)
+    assert sum(sum(kept) for kept in adaptation.tuner.rank_pattern.values()) == budget.target_budget
 
 
 def test_adalora_orthogonal_init_starts_orthonormal_at_the_base_and_moves_the_encoder_further() -> None:

@@ -77,7 +77,7 @@ def test_adalora_budget_falls_to_target_through_fit_and_resume_continues_it(tmp_
     assert resumed.state.epoch == 3
     again = resumed.fit()
     assert [row["total_rank"] for row in again] == ranks
-    assert resumed.adaptation._config.rank_pattern == whole.adaptation._config.rank_pattern
+    assert resumed.adaptation.tuner.rank_pattern == whole.adaptation.tuner.rank_pattern
     for name, value in lora_e(whole).items():
         torch.testing.assert_close(lora_e(resumed)[name], value, atol=1e-5, rtol=0)
 

@@ -1,4 +1,5 @@
-"""sam_adalora: peft's AdaLoRA layers with ONE rank budget (`RankBudget`) for the whole run.
+"""sam_adalora: AdaLoRA layers (lora_layer.AdaLoraLinear, peft's layout) with ONE rank budget (`RankBudget`)
+for the whole run.
 
 peft adds AdaLoRA's orthogonal regulariser only for models whose output has a `.loss`; this mode
 returns it through `extra_loss`. The budget schedule (initial rank, target rank, warm-up and
@@ -9,39 +10,33 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from peft import AdaLoraConfig
-from peft.tuners.adalora import AdaLoraModel
 from torch import Tensor, nn
 
-from .adaptation import Adaptation, freeze_all_but_decoder, take_autocast_inputs_as_given
-from .fused_lora import fuse_svd_linears
+from .adaptation import Adaptation, freeze_all_but_decoder
+from .lora_layer import AdaLoraSchedule, AdaLoraTuner
 from .rank_budget import RankBudget
 
 
 class AdaLoraAdaptation(Adaptation):
     """Hooks AdaLoRA into the loop: orthogonality loss, rank allocation, resumable allocator state."""
 
-    def __init__(self, tuner: AdaLoraModel, orth_weight: float):
+    def __init__(self, tuner: AdaLoraTuner, orth_weight: float):
         super().__init__("sam_adalora", tuner)
         self.orth_weight = orth_weight
-        self.budget = RankBudget(tuner.model, self._config)
-
-    @property
-    def _config(self) -> AdaLoraConfig:
-        return self.tuner.peft_config["default"]
+        self.budget = RankBudget(tuner.model, tuner.schedule)
 
     def extra_loss(self) -> Optional[Tensor]:
         return self.orth_weight * orthogonal_regulariser(self.budget.params[0::3], self.budget.params[2::3])
 
     def after_backward(self, step: int) -> None:
         self.budget.step(step)
-        self._config.rank_pattern = self.budget.rank_pattern
+        self.tuner.rank_pattern = self.budget.rank_pattern
 
     def total_rank(self) -> int:
-        """Ranks kept by the allocator's latest allocation (peft's rank_pattern); before the first
+        """Ranks kept by the allocator's latest allocation (the rank pattern); before the first
         allocation every rank counts. Counting non-zero lora_E entries instead would report 0 at the
         start (lora_E is zero-initialised) and too much between allocations when -adalora_delta_t > 1."""
-        pattern = self._config.rank_pattern
+        pattern = self.tuner.rank_pattern
         if pattern:
             return sum(sum(bool(kept) for kept in ranks) for ranks in pattern.values())
         return sum(param.numel() for name, param in self.tuner.model.named_parameters() if "lora_E" in name)
@@ -51,7 +46,7 @@ class AdaLoraAdaptation(Adaptation):
 
     def load_state_dict(self, state: dict) -> None:
         self.budget.load_state_dict(state)
-        self._config.rank_pattern = self.budget.rank_pattern
+        self.tuner.rank_pattern = self.budget.rank_pattern
 
 
 def orthogonal_regulariser(left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
@@ -84,19 +79,17 @@ def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optiona
                   adalora_init_r: int, adalora_target_r: int, adalora_tinit: float, adalora_tfinal: float,
                   adalora_delta_t: int, adalora_orth_reg: float, adalora_init: str, adalora_e_lr_ratio: float,
                   decoder: str) -> Adaptation:
-    """AdaLoRA on the encoder's declared linears (peft's AdaLoRA adapts linears only); `decoder`: full | lora
+    """AdaLoRA on the encoder's declared linears (AdaLoRA adapts linears only); `decoder`: full | lora
     (plain LoRA of rank adalora_target_r, the encoder's final average rank) | frozen; `adalora_init`:
     gaussian (peft's) | orthogonal (see `orthonormal_singular_vectors`); `adalora_e_lr_ratio`: the singular
     values' (lora_E) learning rate as a multiple of the run's (1: peft's single rate). Adam moves each
     parameter by about the learning rate per step, so the r singular values of a layer move its update
     Q diag(E) P far less per step than LoRA's out x r entries of B move B A."""
     decoder_tuner = freeze_all_but_decoder(segmenter, decoder, adalora_target_r)
-    adalora_config = AdaLoraConfig(init_r=adalora_init_r, target_r=adalora_target_r,
-                                   lora_alpha=lora_alpha or adalora_init_r, lora_dropout=lora_dropout,
-                                   target_modules=segmenter.adapt_targets.linears,
-                                   **adalora_schedule(total_steps, adalora_tinit, adalora_tfinal, adalora_delta_t))
-    tuner = fuse_svd_linears(take_autocast_inputs_as_given(AdaLoraModel(segmenter.image_encoder, adalora_config,
-                                                                        "default")))
+    schedule = AdaLoraSchedule(init_r=adalora_init_r, target_r=adalora_target_r, orth_reg_weight=adalora_orth_reg,
+                               **adalora_schedule(total_steps, adalora_tinit, adalora_tfinal, adalora_delta_t))
+    tuner = AdaLoraTuner(segmenter.image_encoder, segmenter.adapt_targets.linears, lora_alpha or adalora_init_r,
+                         lora_dropout, schedule)
     if adalora_init == "orthogonal":
         orthonormal_singular_vectors(tuner)
     adaptation = AdaLoraAdaptation(tuner, adalora_orth_reg)
@@ -106,7 +99,7 @@ def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optiona
 
 
 @torch.no_grad()
-def orthonormal_singular_vectors(tuner: AdaLoraModel) -> None:
+def orthonormal_singular_vectors(tuner: AdaLoraTuner) -> None:
     """Every layer's P (lora_A, r x in) with orthonormal rows and Q (lora_B, out x r) with orthonormal columns.
 
     peft draws their entries from N(0, 0.02): its rows and columns have norms of 0.02 sqrt(width), so the update

@@ -15,8 +15,8 @@ class Adaptation:
     """The result of adapting a segmenter: hooks into the training loop for one mode."""
 
     mode: str
-    tuner: Optional[Any] = None  # the encoder's LoRA-family tuner (lora_layer.LoraTuner, or peft's for DoRA and
-    # AdaLoRA): `merge_and_unload()` folds it away
+    tuner: Optional[Any] = None  # the encoder's LoRA-family tuner (lora_layer's LoraTuner / AdaLoraTuner, or
+    # peft's LoraModel for DoRA and -lora_conv): `merge_and_unload()` folds it away
     decoder_tuner: Optional[Any] = None  # the mask decoder's LoraTuner (`decoder="lora"`), for merging
     lr_ratios: dict = field(default_factory=dict)  # parameter-name fragment -> its learning rate as a multiple of -lr
 

@@ -1,8 +1,8 @@
-"""peft's LoRA and AdaLoRA linears whose plain single-adapter forward is `low_rank.low_rank_linear` (one
-addmm, or the merged-weight product, instead of peft's full-width passes after B's product).
+"""peft's LoRA linear whose plain single-adapter forward is `low_rank.low_rank_linear` (one addmm, or the
+merged-weight product, instead of peft's full-width passes after B's product).
 
-Used where peft's layers stay: DoRA, LoRA on convolutions (`-lora_conv`, whose linears are these) and
-AdaLoRA; plain LoRA on linears is the project's own `lora_layer.LoraLinear`. Everything else (state dict
+Used where peft's layers stay: DoRA and LoRA on convolutions (`-lora_conv`, whose linears are these); plain
+LoRA and AdaLoRA on linears are the project's own (`lora_layer.py`). Everything else (state dict
 keys, merging, DoRA, dropout, several adapters, rank allocation) stays peft's own: the cases not fused
 take peft's forward unchanged.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from peft import LoraConfig
-from peft.tuners.adalora import AdaLoraModel
-from peft.tuners.adalora.layer import SVDLinear
 from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor, nn
 
@@ -38,28 +36,6 @@ class FusedLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         return low_rank_linear(self.base_layer, x, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                self.scaling[adapter])
-
-
-class FusedSVDLinear(SVDLinear):
-    """A peft AdaLoRA `SVDLinear` whose plain single-adapter forward is `low_rank_linear` with down = A*E and
-    the scale scaling / rank."""
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        adapter = fusable_adapter(self, args, kwargs)
-        if adapter is None:
-            return super().forward(x, *args, **kwargs)
-        singular = self.lora_A[adapter] * self.lora_E[adapter]
-        scale = self.scaling[adapter] / (self.ranknum[adapter] + 1e-5)
-        return low_rank_linear(self.base_layer, x, singular, self.lora_B[adapter], scale)
-
-
-def fuse_svd_linears(tuner: AdaLoraModel) -> AdaLoraModel:
-    """Make the tuner's AdaLoRA `SVDLinear`s `FusedSVDLinear`s (peft has no custom-layer hook for AdaLoRA;
-    the subclass adds no state, so only the class changes)."""
-    for module in tuner.modules():
-        if type(module) is SVDLinear:
-            module.__class__ = FusedSVDLinear
-    return tuner
 
 
 def fused_lora_config(**options: Any) -> LoraConfig:

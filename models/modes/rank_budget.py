@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft import AdaLoraConfig
 from torch import Tensor, nn
+
+from .lora_layer import AdaLoraSchedule
 
 SCORE_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # peft's names: sensitivity, smoothed, uncertainty
 
@@ -25,7 +26,7 @@ SCORE_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # peft's names: sensitivity
 class RankBudget:
     """Importance scores and singular-value masks for the AdaLoRA layers of `encoder`."""
 
-    def __init__(self, encoder: nn.Module, config: AdaLoraConfig, adapter: str = "default"):
+    def __init__(self, encoder: nn.Module, config: AdaLoraSchedule, adapter: str = "default"):
         named = dict(encoder.named_parameters())
         self.layer_names = sorted(n for n in named if f".lora_E.{adapter}" in n)
         if not self.layer_names:
