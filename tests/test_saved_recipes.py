@@ -1,11 +1,13 @@
 """SAM's and EfficientSAM's ViT blocks store the inputs of their adapted linears as recipes (saved_tensors):
-the same numbers as storing them, and those inputs freed after forward."""
+the same numbers as storing them, and those inputs freed after forward. SAM's window attention runs qkv
+and proj on the real tokens only, with segment-anything's numbers."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import gc
 import weakref
+from functools import partial
 
 import pytest
 import torch
@@ -63,16 +65,26 @@ def output_and_gradients(block: nn.Module, x: torch.Tensor, context, amp: bool) 
     return [out.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("window_size", [0, 5])
+@pytest.mark.parametrize("window_size", [0, 5, 6])  # global; 6 x 6 tokens in padded windows; in whole ones
 def test_the_lean_sam_block_gives_segment_anythings_numbers(window_size):
     reference = with_lora(sam_block(window_size), "sam")
     lean = with_lora(keep_less_for_backward(sam_block(window_size)), "sam")
     assert lean.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(2, SIDE, SIDE, DIM, requires_grad=True)
+    tokens = {}
+    for name, block in (("reference", reference), ("lean", lean)):
+        for part in ("qkv", "proj"):
+            block.attn.get_submodule(part).register_forward_pre_hook(
+                lambda module, args, key=(name, part): tokens.setdefault(key, []).append(args[0].shape[:-1].numel()))
     results = [output_and_gradients(block, x, contextlib.nullcontext, amp=False) for block in (reference, lean)]
     assert len(results[0]) == 2 + 8  # output, input gradient, four LoRA pairs
-    for value, expected in zip(*results):
-        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    for value, expected in zip(*results):  # qkv and proj see other matrix shapes: float rounding only
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    real = 2 * SIDE * SIDE
+    padded = real if window_size in (0, SIDE) else 2 * 10 * 10  # 6 x 6 tokens padded to 2 x 2 windows of 5
+    assert tokens[("reference", "qkv")] == [padded] and tokens[("reference", "proj")] == [padded]
+    # the lean block: qkv on the real tokens (and one zero token for the padding), proj on the real tokens
+    assert tokens[("lean", "qkv")] == ([real] if padded == real else [real, 1]) and tokens[("lean", "proj")] == [real]
 
 
 @pytest.mark.parametrize("amp", [False, True])
@@ -90,9 +102,14 @@ def test_recipes_give_the_same_output_and_gradients_as_saving_the_tensors(kind, 
 def test_the_adapted_linears_inputs_are_freed_after_forward(kind, recipes, amp):
     block, family, x = lean_lora_block(kind)
     kept = {}
+
+    def keep_first_input(name: str):  # the real input: SAM's window attention then feeds qkv one zero token
+        def hook(module, args) -> None:
+            kept.setdefault(name, weakref.ref(args[0].untyped_storage()))
+        return hook
+
     for name in ADAPTED[family]:
-        block.get_submodule(name).register_forward_pre_hook(
-            lambda module, args, name=name: kept.__setitem__(name, weakref.ref(args[0].untyped_storage())))
+        block.get_submodule(name).register_forward_pre_hook(keep_first_input(name))
     with contextlib.nullcontext() if recipes else without_recipes(), torch.autocast("cpu", enabled=amp):
         out = block(x)
     gc.collect()
@@ -109,3 +126,25 @@ def test_keeping_less_leaves_every_other_module_and_key_as_it_was():
     assert all(torch.equal(a, b) for a, b in zip(lean.state_dict().values(), plain.state_dict().values()))
     assert isinstance(lean, Block) and type(lean) is not Block
     assert keep_less_for_backward(copy.deepcopy(lean)).__class__ is type(lean)  # idempotent
+
+
+def test_the_lean_sam_encoder_gives_segment_anythings_encoder_output():
+    """A tiny SAM ViT at 96 px (a 6 x 6 grid: windowed blocks pad it to 14 x 14) and at 224 px (whole windows)."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    from models.sam import sam_vit_encoder
+
+    arch = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,))
+    for size in (96, 224):
+        lean = sam_vit_encoder(size, **arch)
+        plain = ImageEncoderViT(img_size=size, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4,
+                                out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                                use_rel_pos=True, window_size=14, global_attn_indexes=(1,))
+        assert type(plain.blocks[0]) is Block and type(lean.blocks[0]) is not Block
+        with torch.no_grad():
+            for param in plain.parameters():
+                param.normal_(0, 0.1)
+        lean.load_state_dict(plain.state_dict())
+        images = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(lean(images), plain(images), rtol=1e-5, atol=1e-5)
