@@ -31,6 +31,17 @@ def reference_file(shared_dir: Path, name: str) -> Path:
     return path
 
 
+def run_python(script: str) -> None:
+    """Run `script` in a fresh interpreter at the repository root (what it imports starts from nothing); fail
+    with its error output unless it exits 0."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: a second intra-op thread buys nothing and, on shared cores, costs a lot of waiting."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 
 from engine.benchmark import COLUMNS
 
@@ -53,5 +54,4 @@ def test_a_training_step_imports_no_data_libraries_it_does_not_use():
               "assert not loaded, loaded\n"
               "from datasets.transforms import build_augment\n"
               "assert build_augment('light') is not None and 'albumentations' in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_python(script)

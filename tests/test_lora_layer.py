@@ -2,11 +2,9 @@
 tensors for one seed, the same outputs, gradients and merge, and training processes that never import peft."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import run_python
 from peft import AdaLoraConfig, LoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from peft.tuners.lora import LoraModel
@@ -14,7 +12,6 @@ from torch import nn
 
 from models.modes.lora_layer import AdaLoraLinear, AdaLoraSchedule, AdaLoraTuner, LoraLinear, LoraTuner
 from models.sam import SAM_VIT_TARGETS
-from tests.test_benchmark import REPO
 from tests.test_fused_lora import REORDERED_SUMS, full_width_elementwise, step
 from tests.test_modes import build
 
@@ -202,5 +199,4 @@ def test_a_lora_or_adalora_run_never_imports_peft(mode):
               "assert merge_adapters(adaptation)\n"
               "loaded = sorted(m for m in ('peft', 'transformers') if m in sys.modules)\n"
               "assert not loaded, loaded\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_python(script)

@@ -23,15 +23,22 @@ from .low_rank import add_low_rank, low_rank_linear
 ADAPTER = "default"  # peft's adapter name, part of every state-dict key
 
 
-class LoraLinear(nn.Module):
+class AdaptedLinear(nn.Module):
+    """A linear `base_layer` with a low-rank branch behind dropout, under peft's attribute names."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, dropout: float, method: str):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"{method} rank must be positive, got {rank}")
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict({ADAPTER: nn.Dropout(dropout) if dropout > 0 else nn.Identity()})
+
+
+class LoraLinear(AdaptedLinear):
     """`base(x) + scaling * B A dropout(x)` around a linear `base_layer`; A is r x in, B is out x r (zero)."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float):
-        super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
-        self.base_layer = base_layer
-        self.lora_dropout = nn.ModuleDict({ADAPTER: nn.Dropout(dropout) if dropout > 0 else nn.Identity()})
+        super().__init__(base_layer, rank, dropout, "LoRA")
         self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(base_layer.in_features, rank, bias=False)})
         self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(rank, base_layer.out_features, bias=False)})
         self.scaling = alpha / rank
@@ -62,17 +69,13 @@ class LoraLinear(nn.Module):
         return self.base_layer
 
 
-class AdaLoraLinear(nn.Module):
+class AdaLoraLinear(AdaptedLinear):
     """peft's AdaLoRA `SVDLinear`: `base(x) + scaling / (ranknum + 1e-5) * x (A * E)^T B^T` with P = A (r x in),
     the singular values E (r x 1, zero at the start) and Q = B (out x r) as `ParameterDict`s keyed "default",
     and the frozen rank `ranknum`. Rank allocation (rank_budget.py) zeroes entries of E."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float):
-        super().__init__()
-        if rank <= 0:
-            raise ValueError(f"AdaLoRA's initial rank must be positive, got {rank}")
-        self.base_layer = base_layer
-        self.lora_dropout = nn.ModuleDict({ADAPTER: nn.Dropout(dropout) if dropout > 0 else nn.Identity()})
+        super().__init__(base_layer, rank, dropout, "AdaLoRA's initial")
         down = nn.Parameter(torch.randn(rank, base_layer.in_features))  # drawn in peft's order: A, E, B, ranknum
         singular = nn.Parameter(torch.randn(rank, 1))
         self.lora_A = nn.ParameterDict({ADAPTER: down})
