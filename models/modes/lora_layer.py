@@ -44,8 +44,7 @@ class LoraLinear(AdaptedLinear):
         self.scaling = alpha / rank
         nn.init.kaiming_uniform_(self.lora_A[ADAPTER].weight, a=math.sqrt(5))  # peft's default, drawn after
         nn.init.zeros_(self.lora_B[ADAPTER].weight)                           # both layers' own init
-        self.lora_A.to(base_layer.weight.device)
-        self.lora_B.to(base_layer.weight.device)
+        self.to(base_layer.weight.device)
 
     @property
     def down(self) -> Tensor:
@@ -160,6 +159,21 @@ class LoraTuner(LowRankTuner):
         self.config["r"] = rank
 
 
+@dataclass
+class AdaLoraSchedule:
+    """AdaLoRA's rank-budget schedule, with peft's field names (and its defaults for beta1, beta2)."""
+
+    init_r: int
+    target_r: int
+    tinit: int
+    tfinal: int
+    deltaT: int
+    total_step: int
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+
 class AdaLoraTuner(LowRankTuner):
     """AdaLoRA layers of initial rank `schedule.init_r`; `rank_pattern` (layer lora_E name -> kept singular
     values, set by the rank budget) prunes what `peft_state` writes, as peft's own export does."""
@@ -167,7 +181,7 @@ class AdaLoraTuner(LowRankTuner):
     PEFT_TYPE, LAYER, KINDS = "ADALORA", AdaLoraLinear, ("lora_A", "lora_B", "lora_E")
 
     def __init__(self, model: nn.Module, target_modules: str, alpha: float, dropout: float,
-                 schedule: "AdaLoraSchedule"):
+                 schedule: AdaLoraSchedule):
         super().__init__(model, target_modules, schedule.init_r, alpha, dropout)
         self.schedule = schedule
         self.rank_pattern: Optional[dict[str, list[bool]]] = None
@@ -182,18 +196,3 @@ class AdaLoraTuner(LowRankTuner):
             tensors[f"{prefix}.lora_B"] = tensors[f"{prefix}.lora_B"][:, kept]
         config.update(rank_pattern=pattern or None, **asdict(self.schedule))
         return tensors, config
-
-
-@dataclass
-class AdaLoraSchedule:
-    """AdaLoRA's rank-budget schedule, with peft's field names (and its defaults for beta1, beta2)."""
-
-    init_r: int
-    target_r: int
-    tinit: int
-    tfinal: int
-    deltaT: int
-    total_step: int
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
