@@ -20,13 +20,12 @@ from .rank_budget import RankBudget
 class AdaLoraAdaptation(Adaptation):
     """Hooks AdaLoRA into the loop: orthogonality loss, rank allocation, resumable allocator state."""
 
-    def __init__(self, tuner: AdaLoraTuner, orth_weight: float):
+    def __init__(self, tuner: AdaLoraTuner):
         super().__init__("sam_adalora", tuner)
-        self.orth_weight = orth_weight
         self.budget = RankBudget(tuner.model, tuner.schedule)
 
     def extra_loss(self) -> Optional[Tensor]:
-        return self.orth_weight * orthogonal_regulariser(self.budget.params[0::3], self.budget.params[2::3])
+        return self.tuner.schedule.orth_reg_weight * orthogonal_regulariser(self.budget.params[0::3], self.budget.params[2::3])
 
     def after_backward(self, step: int) -> None:
         self.budget.step(step)
@@ -92,7 +91,7 @@ def apply_adalora(segmenter: nn.Module, total_steps: int, *, lora_alpha: Optiona
                          lora_dropout, schedule)
     if adalora_init == "orthogonal":
         orthonormal_singular_vectors(tuner)
-    adaptation = AdaLoraAdaptation(tuner, adalora_orth_reg)
+    adaptation = AdaLoraAdaptation(tuner)
     adaptation.decoder_tuner = decoder_tuner
     adaptation.lr_ratios = {"lora_E": adalora_e_lr_ratio}
     return adaptation
