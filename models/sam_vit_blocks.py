@@ -1,12 +1,14 @@
 """segment-anything's ViT blocks, computing the same numbers with less work and keeping less for backward.
 
 Window attention (`LeanAttention`): segment-anything pads the token grid to whole windows and runs
-`qkv` and `proj` on every padded token too; at 256 px a 16 x 16 grid in 14 x 14 windows becomes 28 x 28,
-three times the tokens. Here `qkv` runs on the real tokens and the padding gets what `qkv` gives a zero
-token (its bias, plus whatever an adapter adds to a zero input), so the attention sees exactly the padded
-windows it saw before; `proj` runs after the windows are merged back, on the real tokens only. Both are
-per-token maps, so the results are the official ones (up to float rounding), and the Adapter that follows
-the attention sees the same real-token outputs.
+`qkv`, the attention and `proj` on every padded token too; at 256 px a 16 x 16 grid in 14 x 14 windows
+becomes 28 x 28, three times the tokens. Here `qkv` runs on the real tokens and the padding gets the keys
+and values `qkv` gives a zero token (its bias, plus whatever an adapter adds to a zero input), so every
+window's keys are exactly those it had before. Only the real tokens ask queries: the windows are taken in
+up to four spans that are padded alike (whole windows, the padded last column and last row of windows,
+their corner), each query attending to all of its window's keys. The padded queries' outputs were cropped
+away unused, so the results are the official ones (up to float rounding). `proj` runs on the real tokens.
+The attention itself keeps only q, k and v for backward (`rel_pos_attention`).
 
 LoRA (and the Adapter beside the MLP) save the inputs of the linears they adapt. Two of them are cheap
 functions of tensors autograd keeps anyway, so they are stored as recipes (models/saved_tensors.py): the
@@ -22,42 +24,75 @@ buffer or module name changes, so official checkpoints load as before.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling.common import MLPBlock
-from segment_anything.modeling.image_encoder import (Attention, Block, ImageEncoderViT, add_decomposed_rel_pos,
-                                                     window_partition, window_unpartition)
+from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT, get_rel_pos
 from torch import Tensor
 
+from .rel_pos_attention import rel_pos_attention
 from .saved_tensors import cast_for_matmul, saved_as_recipe
+
+
+def whole_windows_and_rest(size: int, window: int) -> list[tuple[int, int]]:
+    """The [start, stop) spans of a grid axis that fill whole windows, then the rest (the last, padded
+    window's real part): 16 tokens in windows of 14 -> [(0, 14), (14, 16)]."""
+    whole = size - size % window
+    return [(start, stop) for start, stop in ((0, whole), (whole, size)) if stop > start]
 
 
 class LeanAttention(Attention):
     """`Attention` that, given `window_size`, attends within zero-padded windows of its B x H x W x C input,
-    running `qkv` and `proj` on the real tokens only (module docstring)."""
+    running `qkv` and `proj` on the real tokens and the attention on the real queries only (module
+    docstring)."""
 
     def forward(self, x: Tensor, window_size: int = 0) -> Tensor:
-        if window_size == 0:
-            return super().forward(x)
         batch, height, width, dim = x.shape
-        padded_hw = (height + -height % window_size, width + -width % window_size)
-        qkv = self.qkv(x)
-        if padded_hw != (height, width):
-            padding = self.qkv(x.new_zeros(1, 1, 1, dim))  # what a zero (padding) token gets
-            qkv = torch.cat([qkv, padding.expand(batch, height, padded_hw[1] - width, -1)], dim=2)
-            qkv = torch.cat([qkv, padding.expand(batch, padded_hw[0] - height, padded_hw[1], -1)], dim=1)
-        windows = window_partition(qkv, window_size)[0]
-        attended = self.attend(windows.flatten(1, 2), window_size)
-        return self.proj(window_unpartition(attended, window_size, padded_hw, (height, width)))
+        q, kv = self.qkv(x).split([dim, 2 * dim], dim=-1)
+        if window_size == 0:
+            attended = self.attend(q.flatten(1, 2), kv.flatten(1, 2), (height, width), (height, width))
+            return self.proj(attended.view(batch, height, width, dim))
+        side = window_size
+        pad_h, pad_w = -height % side, -width % side
+        if pad_h or pad_w:
+            padding = self.qkv(x.new_zeros(1, 1, 1, dim))[..., dim:]  # a zero (padding) token's keys and values
+            kv = torch.cat([kv, padding.expand(batch, height, pad_w, -1)], dim=2)
+            kv = torch.cat([kv, padding.expand(batch, pad_h, width + pad_w, -1)], dim=1)
+        rows, cols = (height + pad_h) // side, (width + pad_w) // side
+        kv_windows = kv.view(batch, rows, side, cols, side, 2 * dim).transpose(2, 3)  # B x rows x cols x window
+        attended = torch.cat([torch.cat([self.attend_windows(q, kv_windows, row_span, col_span, side)
+                                         for col_span in whole_windows_and_rest(width, side)], dim=2)
+                              for row_span in whole_windows_and_rest(height, side)], dim=1)
+        return self.proj(attended)
 
-    def attend(self, qkv: Tensor, side: int) -> Tensor:
-        """Attention of (windows x side*side x 3C) qkv tokens -> windows x side x side x C, before `proj`."""
-        windows, tokens, _ = qkv.shape
-        q, k, v = qkv.reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).reshape(
-            3, windows * self.num_heads, tokens, -1).unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
+    def attend_windows(self, q: Tensor, kv_windows: Tensor, row_span: tuple[int, int], col_span: tuple[int, int],
+                       side: int) -> Tensor:
+        """The attention of the real queries in one span of rows x columns of windows that are all padded
+        alike (B x span rows x span columns x C): each query sees its whole window's keys."""
+        (top, bottom), (left, right) = row_span, col_span
+        query_grid = (min(side, bottom - top), min(side, right - left))
+        rows, cols = (bottom - top) // query_grid[0], (right - left) // query_grid[1]
+        batch, dim = q.shape[0], q.shape[-1]
+        queries = q[:, top:bottom, left:right].reshape(batch, rows, query_grid[0], cols, query_grid[1], dim)
+        queries = queries.transpose(2, 3).reshape(batch * rows * cols, query_grid[0] * query_grid[1], dim)
+        keys = kv_windows[:, top // side:top // side + rows, left // side:left // side + cols]
+        attended = self.attend(queries, keys.reshape(batch * rows * cols, side * side, 2 * dim), query_grid, (side, side))
+        attended = attended.view(batch, rows, cols, *query_grid, dim).transpose(2, 3)
+        return attended.reshape(batch, bottom - top, right - left, dim)
+
+    def attend(self, q: Tensor, kv: Tensor, query_grid: tuple[int, int], key_grid: tuple[int, int]) -> Tensor:
+        """Attention of (n x queries x C) q over (n x keys x 2C) keys and values, laid out on `query_grid`
+        and `key_grid` (the queries in the top left of the key grid) -> n x queries x C, before `proj`."""
+        count, queries, dim = q.shape
+        heads = self.num_heads
+        q = q.view(count, queries, heads, -1).transpose(1, 2).reshape(count * heads, queries, -1)
+        k, v = kv.view(count, -1, 2, heads, dim // heads).permute(2, 0, 3, 1, 4).reshape(2, count * heads, -1, dim // heads).unbind(0)
         if self.use_rel_pos:
-            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (side, side), (side, side))
-        out = attn.softmax(dim=-1) @ v
-        return out.view(windows, self.num_heads, side, side, -1).permute(0, 2, 3, 1, 4).reshape(windows, side, side, -1)
+            tables = [get_rel_pos(keys, keys, table)[:queries_on_axis] for queries_on_axis, keys, table
+                      in zip(query_grid, key_grid, (self.rel_pos_h, self.rel_pos_w))]
+            out = rel_pos_attention(q, k, v, *tables, query_grid, key_grid, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return out.view(count, heads, queries, -1).transpose(1, 2).reshape(count, queries, dim)
 
 
 class LeanMLPBlock(MLPBlock):
