@@ -29,6 +29,7 @@ from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT, get_rel_pos
 from torch import Tensor
 
+from .layer_norm_2d import fuse_layer_norms_2d
 from .rel_pos_attention import rel_pos_attention
 from .saved_tensors import cast_for_matmul, saved_as_recipe
 
@@ -123,9 +124,10 @@ LEAN_CLASSES = {Block: LeanBlock, Attention: LeanAttention, MLPBlock: LeanMLPBlo
 
 
 def keep_less_for_backward(encoder: ImageEncoderViT) -> ImageEncoderViT:
-    """Make the encoder's blocks, attentions and MLPs their lean subclasses (they add no state)."""
+    """Make the encoder's blocks, attentions and MLPs their lean subclasses and its neck's norms fused
+    (they add no state)."""
     for module in encoder.modules():
         lean = LEAN_CLASSES.get(type(module))
         if lean is not None:
             module.__class__ = lean
-    return encoder
+    return fuse_layer_norms_2d(encoder)

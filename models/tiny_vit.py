@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
+from .layer_norm_2d import LayerNorm2d
 from .saved_tensors import cast_for_matmul, same_autocast, saved_as_recipe
 
 

@@ -15,9 +15,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d  # channel LayerNorm, eps 1e-6
 from torch import Tensor, nn
 
+from ..layer_norm_2d import LayerNorm2d  # channel LayerNorm, eps 1e-6
 from ..saved_tensors import cast_for_matmul, saved_as_recipe
 from ..segmenter import AdaptTargets
 
