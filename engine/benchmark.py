@@ -27,7 +27,7 @@ from .amp import resolve_amp
 from .checkpoints import save_weights
 from .host_memory import set_host_memory
 from .loss import PerClassDiceCE
-from .optim import adamw, learning_rate_groups
+from .optim import StepInBackward, adamw, learning_rate_groups, steps_in_backward
 from .runtime import PeakMemory, resolve_device, synchronize
 from .session import build_base, build_model
 from .trainer import keep_frozen_batchnorm_in_eval
@@ -124,14 +124,18 @@ def training_step(config: Config, batch: tuple, total_steps: int) -> tuple[torch
     """The trainer's step on `batch` (synthetic_batch's images, masks, prompts).
 
     Returns the model in training state, its adaptation, the trainable parameters and step(net=model): forward
-    under the config's autocast, Dice+CE plus the mode's extra loss, backward, AdamW, the mode's after-backward
-    hook. `net` may be a compiled wrapper of the model."""
+    under the config's autocast, Dice+CE plus the mode's extra loss, backward, AdamW (inside backward where
+    the trainer steps there: `steps_in_backward`), the mode's after-backward hook. `net` may be a compiled
+    wrapper of the model."""
     device = resolve_device(config.device)
     model, adaptation = build_model(config, 1, total_steps=total_steps, device=device, verbose=False)
     images, masks, prompts = batch
     params = [p for p in model.parameters() if p.requires_grad]
     # the trainer's optimizer (torch's default decay)
     optimizer = adamw(learning_rate_groups(model, 1e-5, adaptation.lr_ratios), lr=1e-5, weight_decay=1e-2)
+    in_backward = steps_in_backward(get_mode(config.mod).saves_all, resolve_amp(config.amp, device), False)
+    if in_backward:
+        StepInBackward(optimizer)
     loss_fn = PerClassDiceCE()
     step_counter = iter(range(1, 10 ** 9))
 
@@ -141,8 +145,9 @@ def training_step(config: Config, batch: tuple, total_steps: int) -> tuple[torch
         logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear")
         loss = loss_fn(logits, masks)
         extra = adaptation.extra_loss()
-        (loss if extra is None else loss + extra).backward()
-        optimizer.step()
+        (loss if extra is None else loss + extra).backward()  # full fine-tuning: the optimizer steps in here
+        if not in_backward:
+            optimizer.step()
         adaptation.after_backward(next(step_counter))
         optimizer.zero_grad(set_to_none=True)
 

@@ -27,7 +27,7 @@ from .amp import resolve_amp
 from .evaluation import EvalSettings, IndexedDataset, autocast_context, evaluate, predict_logits, resize_target
 from .logbook import TensorBoardLog, format_number, plot_curves, write_metrics_csv
 from .loss import PerClassDiceCE
-from .optim import adamw, learning_rate_groups
+from .optim import StepInBackward, adamw, learning_rate_groups, steps_in_backward
 from .peft_format import PEFT_DIR, write_peft_folder
 from .runtime import PeakMemory, Runtime, synchronize
 from .sampler import EpochShuffleSampler
@@ -114,6 +114,7 @@ class Trainer:
                                            runtime.rank, runtime.world_size)
         self.total_steps = self.sampler.steps_per_epoch() * config.epochs
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.parameter_names = {param: name for name, param in model.named_parameters()}
         self.saves_all = get_mode(config.mod).saves_all  # full fine-tuning: checkpoints hold every tensor
         self.optimizer = adamw(learning_rate_groups(model, config.lr, adaptation.lr_ratios), config.lr,
                                config.weight_decay)
@@ -121,6 +122,9 @@ class Trainer:
             self.optimizer, lambda step: learning_rate_factor(config.sched, step, self.total_steps))
         self.amp = resolve_amp(config.amp, runtime.device, announce=runtime.is_main)  # auto: what it chose
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.stepping_in_backward = None
+        if steps_in_backward(self.saves_all, self.amp, runtime.distributed):
+            self.stepping_in_backward = StepInBackward(self.optimizer, on_gradient=self._probe_gradient)
         self.loss_fn = PerClassDiceCE()
         self.memory = PeakMemory(runtime.device)
         self.state = TrainState()
@@ -140,6 +144,11 @@ class Trainer:
         if config.compile:  # the forward (and its backward) of the training step; checkpoints use self.model
             self.network = torch.compile(self.network)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
+
+    def _probe_gradient(self, param: nn.Parameter) -> None:
+        """While stepping in backward: what `nonzero_gradient_names` would see after it."""
+        if self.updated_parameters is None and bool(torch.count_nonzero(param.grad)):
+            self.gradient_seen.add(self.parameter_names[param])
 
     # ----------------------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -210,14 +219,15 @@ class Trainer:
         loss = self.loss_fn(logits, target)
         extra = self.adaptation.extra_loss()
         total = loss if extra is None else loss + extra
-        self.scaler.scale(total).backward()
+        self.scaler.scale(total).backward()  # full fine-tuning: the optimizer steps in here (StepInBackward)
         if self.updated_parameters is None:
             self.gradient_seen |= nonzero_gradient_names(self.model)
             if self.state.global_step + 1 >= UPDATE_PROBE_STEPS:
                 self.updated_parameters = updated_parameter_counts(self.model, self.adaptation.mode,
                                                                    self.gradient_seen)
         scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
+        if self.stepping_in_backward is None:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state.global_step += 1
         # -amp fp16: the scaler skips a step with inf/NaN gradients (and lowers its scale); AdaLoRA's

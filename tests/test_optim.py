@@ -1,6 +1,8 @@
 """The trainer's optimizer: fused AdamW where torch has the kernel, stepping like the per-tensor loop."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -49,3 +51,41 @@ def test_learning_rate_groups_give_named_parameters_their_ratio_and_keep_the_res
     assert moved["lora_E.weight"] == pytest.approx(1e-2, rel=1e-3)
     assert moved["lora_A.weight"] == pytest.approx(1e-3, rel=1e-3)
     assert moved["frozen.weight"] == 0
+
+
+def test_stepping_in_backward_gives_the_step_after_backward_holding_one_gradient_at_a_time():
+    from engine.optim import StepInBackward
+
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))]
+    nets.append(copy.deepcopy(nets[0]))
+    optimizers = [adamw(net.parameters(), lr=1e-2, weight_decay=0.1) for net in nets]
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1 / (1 + step)) for o in optimizers]
+    held = []
+    in_backward = StepInBackward(optimizers[1], on_gradient=lambda p: held.append(
+        sum(q.grad is not None for q in nets[1].parameters())))
+    for _ in range(4):
+        x = torch.randn(5, 8)
+        for net, optimizer, schedule in zip(nets, optimizers, schedules):
+            net(x).square().sum().backward()
+            if optimizer is optimizers[0]:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+    assert held == [1] * 4 * len(list(nets[1].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    states = [optimizer.state_dict()["state"] for optimizer in optimizers]  # first stepped in another order
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][i][key], states[1][i][key]) for i in states[0] for key in states[0][i])
+    in_backward.remove()
+    nets[1](torch.randn(5, 8)).sum().backward()
+    assert all(p.grad is not None for p in nets[1].parameters())  # no longer stepped in backward
+
+
+def test_only_full_fine_tuning_without_a_scaler_or_ddp_steps_in_backward():
+    from engine.optim import steps_in_backward
+
+    assert steps_in_backward(True, "none", False) and steps_in_backward(True, "bf16", False)
+    assert not steps_in_backward(False, "none", False)  # adapters: small gradients, and AdaLoRA reads them
+    assert not steps_in_backward(True, "fp16", False)  # the scaler checks every gradient before any step
+    assert not steps_in_backward(True, "none", True)  # DDP averages gradients after they accumulate

@@ -133,7 +133,7 @@ def test_resume_refuses_another_number_of_processes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- trainable vs updated
-@pytest.mark.parametrize("mode", ["sam_decoder", "sam_lora"])
+@pytest.mark.parametrize("mode", ["sam_decoder", "sam_lora", "sam_full"])  # sam_full: seen while stepping in backward
 def test_parameter_table_tells_trainable_from_updated(tmp_path, mode):
     trainer = make_trainer(tmp_path, mode)
     batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=2)))
@@ -161,6 +161,21 @@ def test_parameter_table_tells_trainable_from_updated(tmp_path, mode):
     header, all_row = table.splitlines()[1], table.splitlines()[-1]
     assert "updated" in header
     assert all_row.split()[1:3] == [f"{trainable:,}", f"{updated:,}"]
+
+
+def test_full_fine_tuning_steps_in_backward_to_the_same_weights(tmp_path):
+    trainers = [make_trainer(tmp_path / name, "sam_full") for name in ("in_backward", "after")]
+    assert trainers[0].stepping_in_backward is not None
+    trainers[1].stepping_in_backward.remove()
+    trainers[1].stepping_in_backward = None
+    batch = next(iter(torch.utils.data.DataLoader(trainers[0].train_set, batch_size=2)))
+    start = {n: p.detach().clone() for n, p in trainers[0].model.named_parameters()}
+    losses = [[trainer.train_step(batch) for _ in range(3)] for trainer in trainers]
+    assert losses[0] == losses[1]
+    weights = [dict(trainer.model.named_parameters()) for trainer in trainers]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in start)
+    assert sum(not torch.equal(weights[0][n], start[n]) for n in start) > len(start) // 2
+    assert make_trainer(tmp_path / "adapters", "sam_lora").stepping_in_backward is None
 
 
 # ----------------------------------------------------------------------------- -val_freq 0
