@@ -6,13 +6,18 @@ import io
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
+from .checkpoints import atomic_write
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .checkpoints import atomic_write  # noqa: E402
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a figure is made: a process that
+    makes none (benchmark.py's rows, a training step) does not hold its 26 MB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_metrics_csv(path: Path, history: list[dict]) -> None:
@@ -29,6 +34,9 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     """Loss, Dice and IoU per epoch (validation metrics only on epochs that validated)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     epochs = [row["epoch"] for row in history]
     axes[0].plot(epochs, [row["train_loss"] for row in history], marker="o")
@@ -105,7 +113,7 @@ class TensorBoardLog:
     def image(self, tag: str, png_path: Path, step: int) -> None:
         if self.writer is None:
             return
-        image = plt.imread(png_path)[..., :3]
+        image = pyplot().imread(png_path)[..., :3]
         self.writer.add_image(tag, image, step, dataformats="HWC")
         self.writer.flush()
 

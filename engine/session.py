@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -21,9 +21,8 @@ from models.segmenter import PromptableSegmenter
 
 from . import checkpoints
 
-# the data package, `datasets` or `medsam_peft.datasets` (common/packages.py)
-_data = data_module()
-DataBundle, DataOptions, build_datasets = _data.DataBundle, _data.DataOptions, _data.build_datasets
+if TYPE_CHECKING:
+    from datasets import DataBundle
 
 
 def seed_everything(seed: int) -> None:
@@ -117,7 +116,10 @@ def run_folders(config: Config) -> tuple[Path, Path]:
 
 
 def load_data(config: Config, splits: Optional[dict] = None, verbose: bool = True) -> DataBundle:
-    data = build_datasets(DataOptions.pick(config), splits)
+    # the data package, `datasets` or `medsam_peft.datasets` (common/packages.py), imported here: OpenCV and
+    # the image pipeline stay out of processes that build no dataset (benchmark.py's rows)
+    package = data_module()
+    data = package.build_datasets(package.DataOptions.pick(config), splits)
     if verbose:
         sizes = f"train {len(data.train)}, val {len(data.val)}" + (f", test {len(data.test)}" if data.test else "")
         print(f"dataset {config.dataset}: {data.layout}; {sizes}; classes {', '.join(data.class_names)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -20,7 +20,10 @@ from models.segmenter import PromptableSegmenter
 from . import checkpoints
 from .evaluation import EvalSettings, evaluate
 from .runtime import Runtime
-from .session import DataBundle, build_model, check_base_identity, load_data
+from .session import build_model, check_base_identity, load_data
+
+if TYPE_CHECKING:
+    from datasets import DataBundle
 
 NEEDS_A_RUN = ("merge", "export", "onnx")
 

@@ -46,12 +46,18 @@ def test_benchmark_rows(tmp_path):
 
 
 def test_a_training_step_imports_no_data_libraries_it_does_not_use():
-    """monai (about 5 s and 100 MB) is not the loss's, and albumentations is imported only by a set that
-    augments: the benchmark's child processes and val.py build neither, and their peak memory shows it."""
+    """monai (about 5 s and 100 MB) is not the loss's, albumentations is imported only by a set that
+    augments, OpenCV (16 MB) only with the datasets and matplotlib (26 MB) only for a figure: the
+    benchmark's child processes build neither, and their peak memory shows it."""
     script = ("import sys\n"
               "import engine.benchmark, engine.trainer, engine.validation\n"
-              "loaded = sorted(m for m in ('monai', 'albumentations') if m in sys.modules)\n"
+              "loaded = sorted(m for m in ('monai', 'albumentations', 'cv2', 'matplotlib') if m in sys.modules)\n"
               "assert not loaded, loaded\n"
               "from datasets.transforms import build_augment\n"
-              "assert build_augment('light') is not None and 'albumentations' in sys.modules\n")
+              "assert build_augment('light') is not None and 'albumentations' in sys.modules\n"
+              "import tempfile, pathlib\n"
+              "from engine.logbook import plot_curves\n"
+              "path = pathlib.Path(tempfile.mkdtemp()) / 'curves.png'\n"
+              "plot_curves([{'epoch': 0, 'train_loss': 1.0}], path, 'title')\n"
+              "assert path.is_file() and 'matplotlib' in sys.modules\n")
     run_python(script)
