@@ -28,8 +28,11 @@ def _probabilities(q: Tensor, k: Tensor, table_h: Tensor, table_w: Tensor, query
     return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, *bias: Tensor | Grid | float) -> Tensor:
-    return torch.bmm(_probabilities(q, k, *bias).to(v.dtype), v)
+def _attention(q: Tensor, k: Tensor, v: Tensor, table_h: Tensor, table_w: Tensor, query_grid: Grid,
+               key_grid: Grid, scale: float) -> Tensor:
+    """The attention's output, BH x queries x C."""
+    probs = _probabilities(q, k, table_h, table_w, query_grid, key_grid, scale)
+    return torch.bmm(probs.to(v.dtype), v)
 
 
 class _RelPosAttention(torch.autograd.Function):
@@ -76,7 +79,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, table_h: Tensor, table_w:
     laid out row-major on `query_grid` and `key_grid`, with segment-anything's decomposed relative-position
     bias from `table_h` (query rows x key rows x C) and `table_w` (query columns x key columns x C), as its
     `get_rel_pos` gathers them (applied to the unscaled q). Keeps q, k, v and the tables for backward."""
-    bias = (table_h, table_w, tuple(query_grid), tuple(key_grid), scale)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table_h, table_w)):
-        return _RelPosAttention.apply(q, k, v, *bias)
-    return _attention(q, k, v, *bias)  # nothing to keep (and no custom autograd node for a tracer)
+    inputs = (q, k, v, table_h, table_w, tuple(query_grid), tuple(key_grid), scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:5]):
+        return _RelPosAttention.apply(*inputs)
+    return _attention(*inputs)  # nothing to keep (and no custom autograd node for a tracer)

@@ -76,7 +76,8 @@ class LeanAttention(Attention):
         queries = q[:, top:bottom, left:right].reshape(batch, rows, query_grid[0], cols, query_grid[1], dim)
         queries = queries.transpose(2, 3).reshape(batch * rows * cols, query_grid[0] * query_grid[1], dim)
         keys = kv_windows[:, top // side:top // side + rows, left // side:left // side + cols]
-        attended = self.attend(queries, keys.reshape(batch * rows * cols, side * side, 2 * dim), query_grid, (side, side))
+        keys = keys.reshape(batch * rows * cols, side * side, 2 * dim)
+        attended = self.attend(queries, keys, query_grid, (side, side))
         attended = attended.view(batch, rows, cols, *query_grid, dim).transpose(2, 3)
         return attended.reshape(batch, bottom - top, right - left, dim)
 
@@ -86,7 +87,8 @@ class LeanAttention(Attention):
         count, queries, dim = q.shape
         heads = self.num_heads
         q = q.view(count, queries, heads, -1).transpose(1, 2).reshape(count * heads, queries, -1)
-        k, v = kv.view(count, -1, 2, heads, dim // heads).permute(2, 0, 3, 1, 4).reshape(2, count * heads, -1, dim // heads).unbind(0)
+        k, v = kv.view(count, -1, 2, heads, dim // heads).permute(2, 0, 3, 1, 4).reshape(
+            2, count * heads, -1, dim // heads).unbind(0)
         if self.use_rel_pos:
             tables = [get_rel_pos(keys, keys, table)[:queries_on_axis] for queries_on_axis, keys, table
                       in zip(query_grid, key_grid, (self.rel_pos_h, self.rel_pos_w))]
