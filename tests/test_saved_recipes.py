@@ -148,3 +148,22 @@ def test_the_lean_sam_encoder_gives_segment_anythings_encoder_output():
         images = torch.randn(2, 3, size, size)
         with torch.no_grad():
             torch.testing.assert_close(lean(images), plain(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sam", "efficient_sam"])
+def test_the_encoder_blocks_work_on_token_major_memory(family: str) -> None:
+    """The patch embedding's permuted conv output is made contiguous once: otherwise every residual sum keeps
+    the conv's channel-major layout and each block's LayerNorms copy their inputs."""
+    from models.efficient_sam.encoder import EfficientSamViT
+    from models.sam import sam_vit_encoder
+
+    torch.manual_seed(0)
+    encoder = (sam_vit_encoder(64, DIM, depth=2, num_heads=HEADS, global_attn_indexes=(1,)) if family == "sam"
+               else EfficientSamViT(DIM, depth=2, num_heads=HEADS))
+    layouts = []
+    for module in encoder.blocks.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous()))
+    embeddings = encoder(torch.randn(2, 3, 64, 64))
+    assert layouts == [True] * 4  # two blocks, two norms each
+    assert embeddings.shape == (2, 256, 4, 4)

@@ -126,7 +126,9 @@ class EfficientSamViT(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images)
         batch, dim, height, width = x.shape
-        x = (x + self.position_grid(height, width)).flatten(2).transpose(1, 2)
+        # token-major memory: otherwise every residual sum inherits the conv's channel-major layout and each
+        # LayerNorm copies its input (forward, backward and recipe)
+        x = (x + self.position_grid(height, width)).flatten(2).transpose(1, 2).contiguous()
         for block in self.blocks:
             x = block(x)
         return self.neck(x.transpose(1, 2).reshape(batch, dim, height, width))
