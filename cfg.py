@@ -296,7 +296,7 @@ def validate(config: Config, given: set[str], script: str) -> None:
         _check_recompute_mlp(config)
     if config.lora_conv:
         _check_net_declares_convs(config)
-    resume_may_change = {"resume", "device", "workers", "ckpt_root", "figs_root"}
+    resume_may_change = {"resume", "device", "host_memory", "workers", "ckpt_root", "figs_root"}
     if "resume" in given and script == TRAIN and set(given) - resume_may_change:
         extra = sorted(set(given) - resume_may_change)
         raise UserError(f"-resume takes the run's own config.json; drop -{' -'.join(extra)}")

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 train.py ...      (data parallel)
     python train.py -resume checkpoint/<exp_name>  (continue a killed run)
 """
-from common.cli import run_cli
+from common.cli import restart_for_host_memory, run_cli
 
 
 def main(argv=None) -> None:
@@ -37,6 +37,8 @@ def main(argv=None) -> None:
             config = dataclasses.replace(config, sam_ckpt=base["path"])
         check_base_identity(base, config)
         splits = checkpoints.load_splits(config.resume)
+    if argv is None:  # a script run: once more, with what -host_memory needs from a process's start
+        restart_for_host_memory(config.host_memory)
     runtime = start_runtime(config.device, config.host_memory)
     run_dir, figs_dir = (Path(config.resume), Path(config.figs_root) / Path(config.resume).name) if config.resume \
         else run_folders(config)

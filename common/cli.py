@@ -18,6 +18,19 @@ def one_line(error: Exception) -> str:
     return in_flag_terms(message)
 
 
+def restart_for_host_memory(policy: str) -> None:
+    """Start this script again, same command line, when -host_memory `policy` needs an environment that
+    only a process's start applies (glibc's tunables, engine/host_memory.py); the new process has it, so
+    this happens once. Call it from a script run only."""
+    from engine.host_memory import start_up_environment
+
+    environment = start_up_environment(policy, os.environ)
+    if environment != dict(os.environ):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, environment)
+
+
 def run_cli(main: Callable[[], None]) -> None:
     from common.errors import UserError
 

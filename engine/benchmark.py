@@ -1,17 +1,19 @@
 """Speed, memory and cost of every (net, mode, amp, activation checkpointing, host memory) combination.
 
-Each combination is measured in a fresh child process, so peak memory belongs to it alone; the
-matmul reference that the achieved GFLOP/s are compared with is measured in the same run.
+Each combination is measured in a fresh child process, started with its -host_memory policy's
+environment, so peak memory belongs to it alone; the matmul reference that the achieved GFLOP/s are
+compared with is measured in the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,7 +27,7 @@ from models.segmenter import Prompts
 
 from .amp import resolve_amp
 from .checkpoints import save_weights
-from .host_memory import set_host_memory
+from .host_memory import set_host_memory, start_up_environment
 from .loss import PerClassDiceCE
 from .optim import StepInBackward, adamw, learning_rate_groups, steps_in_backward
 from .runtime import PeakMemory, resolve_device, synchronize
@@ -220,6 +222,19 @@ def _measure_in_child(args: tuple[dict, int, int, int]) -> dict:
     return {**row, "host_memory": host_memory}
 
 
+@contextlib.contextmanager
+def started_with(environment: dict[str, str]) -> Iterator[None]:
+    """Inside the block, processes start with `environment` (os.environ is restored afterwards)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run_benchmark(configs: list[Config], steps: int, warmup: int) -> list[dict]:
     """Measure every config in its own process; add each row's fraction of the matmul reference."""
     device = resolve_device(configs[0].device)
@@ -228,7 +243,7 @@ def run_benchmark(configs: list[Config], steps: int, warmup: int) -> list[dict]:
     rows = []
     context = multiprocessing.get_context("spawn")
     for config in configs:
-        with context.Pool(1) as pool:
+        with started_with(start_up_environment(config.host_memory, os.environ)), context.Pool(1) as pool:
             row = pool.apply(_measure_in_child, ((config.to_json(), steps, warmup, threads),))
         row["matmul_fraction"] = round(row["train_gflops_per_s"] / reference, 3)
         plain = next((r for r in rows if r["mod"] == PLAIN and (r["net"], r["encoder"], r["amp"])

@@ -174,7 +174,7 @@ ACCEPTED = [
     ("train", ["-rater_policy", "7"]),
     ("train", ["-rater_policy", "mean"]),
     ("train", ["-dataset", "isic", "-data_path", "data/isic"]),
-    ("train", ["-resume", "checkpoint/run", "-device", "cpu", "-workers", "2"]),
+    ("train", ["-resume", "checkpoint/run", "-device", "cpu", "-workers", "2", "-host_memory", "system"]),
     ("val", ["-weights", "w", "-dataset", "isic"]),  # the dataset comes from the run folder
     ("val", ["-weights", "w", "-images", "imgs", "-prompt", "none"]),
     ("val", ["-weights", "w", "-images", "imgs", "-prompt", "box", "-boxes", "b.csv"]),
