@@ -11,9 +11,8 @@ next request stay resident). `system` leaves the C library's defaults. Forked wo
 in that cache still counts as in use, so the large freed tensors on either side of it cannot merge; the heap
 then grows at the second step, when a large tensor finds no merged gap to fill. LiteMedSAM LoRA at 256 px,
 batch 2: a peak of 2,144-2,251 MB instead of 2,491-2,563 MB. glibc reads this tunable only when a process
-starts, so it comes from the environment: the scripts start themselves once more with it
-(`start_up_environment`), benchmark.py gives it to each row's process, and `set_host_memory` says whether
-this process has it.
+starts, so it comes from the environment (`start_up_environment`): train.py starts itself once more with
+it, benchmark.py starts each row's process with it, and `set_host_memory` says whether this process has it.
 """
 from __future__ import annotations
 
@@ -46,7 +45,8 @@ def start_up_environment(policy: str, environ: Mapping[str, str]) -> dict[str, s
 
 
 def set_host_memory(policy: str) -> tuple[str, str]:
-    """Apply -host_memory (reuse | system) to this process: (the policy in force, a line saying so)."""
+    """Apply -host_memory (reuse | system) to this process: (what is in force: "reuse", "reuse, thread cache
+    on" where the process did not start with the cache off, or "system"; a line saying so)."""
     if policy not in POLICIES:
         raise ValueError(f"host memory policy must be one of {POLICIES}, got {policy!r}")
     if policy == "system":
