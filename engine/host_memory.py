@@ -58,8 +58,7 @@ def set_host_memory(policy: str) -> tuple[str, str]:
     if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)):
         raise RuntimeError("glibc's mallopt refused the -host_memory reuse settings")
     if NO_THREAD_CACHE not in os.environ.get(TUNABLES, "").split(":"):
-        return "reuse, thread cache on", (
-            f"host memory: freed blocks kept for reuse (glibc malloc: heap only, never trimmed); its per-thread "
-            f"cache is on, which raises the peak: start Python with {TUNABLES}={NO_THREAD_CACHE}")
+        return "reuse, thread cache on", ("host memory: freed blocks kept for reuse (glibc malloc: heap only, "
+                                          "never trimmed, per-thread cache on)")
     return "reuse", ("host memory: freed blocks kept for reuse (glibc malloc: heap only, never trimmed, no "
                      "per-thread cache; faster steps, higher peak; -host_memory system: the defaults)")
