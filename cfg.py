@@ -135,8 +135,8 @@ class Config:
     # runtime and outputs
     device: str = flag("auto", "auto picks cuda when available", ALL, choices=("auto", "cpu", "cuda"), val_may_change=True)
     host_memory: str = flag("reuse", "CPU memory for tensors: reuse (glibc malloc keeps freed memory instead of "
-                            "mapping every large tensor afresh: faster steps, higher peak; its per-thread cache "
-                            "off, so freed tensors merge: train.py restarts itself once to set that) or system "
+                            "mapping every large tensor afresh: faster steps; its per-thread cache off, so freed "
+                            "tensors merge and the peak stays down: train.py restarts itself once to set that) or system "
                             "(the C library's defaults)", ALL, choices=HOST_MEMORY_POLICIES, val_may_change=True)
     workers: int = flag(0, "data-loading worker processes", ALL, val_may_change=True)
     val_freq: int = flag(1, "validate every N epochs and keep the best weights; 0: never validate, the final "

@@ -4,8 +4,9 @@ glibc's malloc maps every block above its mmap threshold (32 MB at most) afresh 
 freed, so each large tensor a step allocates is paged in again: the kernel faults and zeroes it page by page.
 LiteMedSAM at 256 px allocates many such tensors per step; a 134 MB GELU output took 45 ms into fresh memory
 and 13 ms into memory already mapped. `reuse` makes malloc serve every block from its heap and never trim it,
-so freed memory is refilled without faults: faster steps, for a higher peak (freed blocks that do not fit the
-next request stay resident). `system` leaves the C library's defaults. Forked workers inherit the setting.
+so freed memory is refilled without faults: faster steps, for a higher peak on its own (freed blocks that do
+not fit the next request stay resident; the thread cache, below, was most of that). `system` leaves the C
+library's defaults. Forked workers inherit the setting.
 
 `reuse` also turns off glibc's per-thread cache of small freed blocks (`glibc.malloc.tcache_count=0`). A block
 in that cache still counts as in use, so the large freed tensors on either side of it cannot merge; the heap
@@ -61,4 +62,4 @@ def set_host_memory(policy: str) -> tuple[str, str]:
         return "reuse, thread cache on", ("host memory: freed blocks kept for reuse (glibc malloc: heap only, "
                                           "never trimmed, per-thread cache on)")
     return "reuse", ("host memory: freed blocks kept for reuse (glibc malloc: heap only, never trimmed, no "
-                     "per-thread cache; faster steps, higher peak; -host_memory system: the defaults)")
+                     "per-thread cache; faster steps; -host_memory system: the defaults)")
