@@ -10,6 +10,9 @@ product, more passes over the full-width output (the scaling, the sum) and more 
 - otherwise (autocast, where a merged weight would round the small update away, or a trainable base) the
   scaling goes onto the rank-wide product or into `addmm`'s alpha, and B's product accumulates into the
   base output as one `addmm`.
+Every product over the tokens whose right factor is rank-wide (features x r) gets that factor column-major
+(`thin_right`): MKL takes 4-5x longer over a row-major one (3136 tokens x 480 features times 480 x 4: 0.87
+against 0.18 ms on a 2-core CPU).
 """
 from __future__ import annotations
 
@@ -20,9 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def thin_right(factor: Tensor) -> Tensor:
+    """A features x r factor, r small, as a column-major view (a copy of r x features values)."""
+    return factor.t().contiguous().t()
+
+
 def add_low_rank(out: Tensor, low_rank: Tensor, up: Tensor, alpha: float = 1.0) -> Tensor:
-    """`out + alpha * low_rank @ up^T` as one addmm over the flattened tokens."""
-    fused = torch.addmm(out.reshape(-1, out.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), up.t(), alpha=alpha)
+    """`out + alpha * low_rank @ up^T` as one addmm over the flattened tokens (whose backward's product
+    `grad @ up` gets `up` column-major)."""
+    up_t = up.t().contiguous()
+    fused = torch.addmm(out.reshape(-1, out.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), up_t, alpha=alpha)
     return fused.view(out.shape)
 
 
@@ -43,7 +53,7 @@ class LowRankLinear(torch.autograd.Function):
         x, weight, down, up = ctx.saved_tensors
         tokens, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = (grad @ torch.addmm(weight, up, down)).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_down = (grad @ up).t().mm(tokens) if ctx.needs_input_grad[3] else None
+        grad_down = (grad @ thin_right(up)).t().mm(tokens) if ctx.needs_input_grad[3] else None
         grad_up = (tokens @ down.t()).t().mm(grad).t().contiguous() if ctx.needs_input_grad[4] else None
         return grad_x, None, None, grad_down, grad_up
 
