@@ -10,6 +10,7 @@ from segment_anything.modeling import ImageEncoderViT, PromptEncoder
 from torch import Tensor, nn
 
 from .frozen_prefix import install_frozen_prefix
+from .layer_norm_2d import channels_last_weights
 from .preprocess import standardise
 from .registry import register_net
 from .sam_vit_blocks import keep_less_for_backward
@@ -73,6 +74,7 @@ def sam_vit_encoder(image_size: int, embed_dim: int, depth: int, num_heads: int,
                               num_heads=num_heads, mlp_ratio=4, out_chans=256, qkv_bias=True,
                               norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=14,
                               global_attn_indexes=global_attn_indexes)
+    channels_last_weights(encoder.neck)
     return keep_less_for_backward(encoder)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layer_norm_2d import LayerNorm2d
+from .layer_norm_2d import LayerNorm2d, channels_last_weights
 from .saved_tensors import cast_for_matmul, same_autocast, saved_as_recipe
 
 
@@ -313,9 +313,9 @@ class TinyViT(nn.Module):
         if classifier_head:
             self.norm_head = nn.LayerNorm(embed_dims[-1])
             self.head = nn.Linear(embed_dims[-1], num_classes)
-        self.neck = nn.Sequential(
+        self.neck = channels_last_weights(nn.Sequential(
             nn.Conv2d(embed_dims[-1], out_chans, 1, bias=False), LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
+            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans)))
         self.apply(_init_weights)
 
     def forward(self, x: Tensor) -> Tensor:

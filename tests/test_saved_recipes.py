@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from segment_anything.modeling.image_encoder import Block
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.efficient_sam.encoder import Block as EfficientSamBlock
 from models.modes.adaptation import take_autocast_inputs_as_given
@@ -167,3 +168,36 @@ def test_the_encoder_blocks_work_on_token_major_memory(family: str) -> None:
     embeddings = encoder(torch.randn(2, 3, 64, 64))
     assert layouts == [True] * 4  # two blocks, two norms each
     assert embeddings.shape == (2, 256, 4, 4)
+
+
+class WeightCopies(TorchDispatchMode):
+    """Counts the copies made of tensors shaped like the given weights."""
+
+    def __init__(self, shapes: list[torch.Size]):
+        super().__init__()
+        self.shapes, self.copies = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+            self.copies += any(arg.shape in self.shapes for arg in args if isinstance(arg, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["sam", "efficient_sam", "tiny_vit"])
+def test_the_neck_keeps_its_weights_in_the_layout_of_its_input(family: str) -> None:
+    """The neck gets its maps channels-last; a 3x3 weight in the other layout was copied at every call."""
+    from models.efficient_sam.encoder import EfficientSamViT
+    from models.sam import sam_vit_encoder
+    from models.tiny_vit import TinyViT
+
+    torch.manual_seed(0)
+    encoder = {"sam": lambda: sam_vit_encoder(64, DIM, depth=1, num_heads=HEADS, global_attn_indexes=(0,)),
+               "efficient_sam": lambda: EfficientSamViT(DIM, depth=1, num_heads=HEADS),
+               "tiny_vit": lambda: TinyViT(image_size=64, embed_dims=(16, 16, 16, 16), depths=(1, 1, 1, 1),
+                                           num_heads=(1, 2, 2, 2), window_sizes=(4, 4, 4, 4))}[family]()
+    weights = [conv.weight for conv in encoder.neck if isinstance(conv, nn.Conv2d)]
+    assert all(weight.is_contiguous(memory_format=torch.channels_last) for weight in weights)
+    images = torch.randn(2, 3, 64, 64, requires_grad=True)
+    with WeightCopies([weight.shape for weight in weights]) as counted:
+        encoder(images).sum().backward()
+    assert counted.copies == 0

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layer_norm_2d import LayerNorm2d  # channel LayerNorm, eps 1e-6
+from ..layer_norm_2d import LayerNorm2d, channels_last_weights  # channel LayerNorm, eps 1e-6
 from ..saved_tensors import cast_for_matmul, saved_as_recipe
 from ..segmenter import AdaptTargets
 
@@ -107,12 +107,12 @@ class EfficientSamViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + PRETRAIN_GRID * PRETRAIN_GRID, embed_dim))
         self.patch_embed = PatchEmbed(in_chans, embed_dim)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.neck = nn.Sequential(
+        self.neck = channels_last_weights(nn.Sequential(
             nn.Conv2d(embed_dim, NECK_DIM, kernel_size=1, bias=False),
             LayerNorm2d(NECK_DIM),
             nn.Conv2d(NECK_DIM, NECK_DIM, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(NECK_DIM),
-        )
+        ))
 
     def position_grid(self, height: int, width: int) -> Tensor:
         """The pretraining position grid (cls slot dropped), bicubically resized: 1 x D x height x width."""
