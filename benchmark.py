@@ -9,6 +9,7 @@ def main(argv=None) -> None:
     import csv
     import dataclasses
     import itertools
+    import statistics
     from pathlib import Path
 
     from cfg import parse_args, parse_modes
@@ -49,9 +50,13 @@ def main(argv=None) -> None:
                                                   host_memory=host_memory)
                         if row not in configs:  # a frozen encoder has nothing to recompute: one row
                             configs.append(row)
-    rows, reference = run_benchmark(configs, config.steps, config.warmup)
+    rows, references = run_benchmark(configs, config.steps, config.warmup, config.rounds)
     machine = machine_description(resolve_device(config.device))
-    table = (f"Machine: {machine}; float32 matmul reference {reference:.1f} GFLOP/s; image size "
+    reference = f"float32 matmul reference {statistics.median(references):.1f} GFLOP/s"
+    if config.rounds > 1:
+        reference += (f" (median of {config.rounds} rounds, {min(references):.1f}-{max(references):.1f}); each row: "
+                      f"its median round, the fastest and slowest round's s/step, its highest peak")
+    table = (f"Machine: {machine}; {reference}; image size "
              f"{config.image_size}, batch {config.b}, {config.steps} timed steps; random base weights; "
              f"{PLAIN}: a plain PyTorch full fine-tuning step of the same net, the base of the *_vs_plain "
              f"ratios.\n\n"

@@ -45,7 +45,7 @@ FLAG_GROUPS = {
     "output": "vis exp_name ckpt_root figs_root",
     "evaluation and export": "weights which split json save_pred images boxes prompt_from merge export onnx",
     "compare and benchmark": "mods seeds runs decoders ranks train_sizes lrs overwrite nets amp_options grad_ckpt_options "
-                             "host_memory_options no_plain steps warmup out",
+                             "host_memory_options no_plain steps warmup rounds out",
 }
 FLAG_GROUP = {name: group for group, names in FLAG_GROUPS.items() for name in names.split()}
 EXAMPLES = {
@@ -193,6 +193,9 @@ class Config:
                           "measured first) and the *_vs_plain ratios", (BENCH,))
     steps: int = flag(3, "timed training steps per row", (BENCH,))
     warmup: int = flag(1, "untimed training steps per row (one is always run)", (BENCH,))
+    rounds: int = flag(1, "measure every row this many times, the rows taking turns (each in a fresh process); "
+                       "a row reports its median round's timings, the fastest and slowest round's "
+                       "seconds per step and its highest peak (for machines whose speed drifts)", (BENCH,))
     out: str = flag("figs/benchmark", "output prefix: writes <out>.csv and <out>.md", (BENCH,))
 
     def to_json(self) -> dict:
@@ -264,8 +267,8 @@ def validate(config: Config, given: set[str], script: str) -> None:
     bad_host = [v for v in config.host_memory_options.split(",") if v not in HOST_MEMORY_POLICIES]
     if script == BENCH and bad_host:
         raise UserError(f"-host_memory_options takes reuse or system, got {','.join(bad_host)}")
-    if script == BENCH and (config.steps <= 0 or config.warmup < 0):
-        raise UserError("-steps must be positive and -warmup not negative")
+    if script == BENCH and (config.steps <= 0 or config.warmup < 0 or config.rounds <= 0):
+        raise UserError("-steps and -rounds must be positive and -warmup not negative")
     for name in ("mid_dim", "out_size", "max_train", "max_eval"):
         value = getattr(config, name)
         if value is not None and value <= 0:

@@ -2,7 +2,9 @@
 
 Each combination is measured in a fresh child process, started with its -host_memory policy's
 environment, so peak memory belongs to it alone; the matmul reference that the achieved GFLOP/s are
-compared with is measured in the same run.
+compared with is measured in the same run. With several rounds the rows take turns, so a stretch of slow
+machine time (a shared virtual machine's small operators can run 40% slower for tens of seconds) falls on
+one round of several rows rather than on every round of one.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from .evaluation import autocast_context
 PLAIN = "plain_full"  # the -mod column of the reference row: a minimal full fine-tuning loop
 
 COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "recompute_mlp", "host_memory", "compile", "compile_s", "image_size", "batch",
-           "trainable_params", "total_params", "ckpt_mb", "sec_per_step", "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
+           "trainable_params", "total_params", "ckpt_mb", "rounds", "sec_per_step", "sec_per_step_min", "sec_per_step_max",
+           "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
            "matmul_fraction", "time_vs_plain", "peak_vs_plain", "train_mem_vs_plain", "infer_base_ms",
            "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
 
@@ -235,16 +238,36 @@ def started_with(environment: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def run_benchmark(configs: list[Config], steps: int, warmup: int) -> list[dict]:
-    """Measure every config in its own process; add each row's fraction of the matmul reference."""
+def merge_rounds(measured: list[dict]) -> dict:
+    """One row from a config's rounds: the median round's timings (its seconds per step, throughput, GFLOP/s
+    and inference times belong together), the fastest and slowest seconds per step, the highest peaks."""
+    median = statistics.median_low(row["sec_per_step"] for row in measured)
+    row = dict(next(row for row in measured if row["sec_per_step"] == median))
+    times = [row["sec_per_step"] for row in measured]
+    row.update(rounds=len(measured), sec_per_step_min=min(times), sec_per_step_max=max(times),
+               peak_mem_mb=max(row["peak_mem_mb"] for row in measured),
+               train_mem_mb=max(row["train_mem_mb"] for row in measured))
+    return row
+
+
+def run_benchmark(configs: list[Config], steps: int, warmup: int, rounds: int = 1) -> tuple[list[dict], list[float]]:
+    """Measure every config in its own process, `rounds` times with the configs taking turns; returns one
+    row per config (`merge_rounds`) with its fraction of the median matmul reference, and the references
+    (one per round)."""
     device = resolve_device(configs[0].device)
-    reference = matmul_gflops(device)
     threads = torch.get_num_threads()
-    rows = []
     context = multiprocessing.get_context("spawn")
-    for config in configs:
-        with started_with(start_up_environment(config.host_memory, os.environ)), context.Pool(1) as pool:
-            row = pool.apply(_measure_in_child, ((config.to_json(), steps, warmup, threads),))
+    references, measured = [], [[] for _ in configs]
+    for round_number in range(1, rounds + 1):
+        references.append(matmul_gflops(device))
+        for config, measurements in zip(configs, measured):
+            with started_with(start_up_environment(config.host_memory, os.environ)), context.Pool(1) as pool:
+                measurements.append(pool.apply(_measure_in_child, ((config.to_json(), steps, warmup, threads),)))
+            print(f"round {round_number}/{rounds}: {format_row(measurements[-1])}", flush=True)
+    reference = statistics.median(references)
+    rows = []
+    for measurements in measured:
+        row = merge_rounds(measurements)
         row["matmul_fraction"] = round(row["train_gflops_per_s"] / reference, 3)
         plain = next((r for r in rows if r["mod"] == PLAIN and (r["net"], r["encoder"], r["amp"])
                       == (row["net"], row["encoder"], row["amp"])), None)
@@ -252,9 +275,8 @@ def run_benchmark(configs: list[Config], steps: int, warmup: int) -> list[dict]:
             for column, key in (("time_vs_plain", "sec_per_step"), ("peak_vs_plain", "peak_mem_mb"),
                                 ("train_mem_vs_plain", "train_mem_mb")):
                 row[column] = round(row[key] / plain[key], 3)
-        print(format_row(row), flush=True)
         rows.append(row)
-    return rows, reference
+    return rows, references
 
 
 def format_row(row: dict) -> str:

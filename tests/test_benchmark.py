@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_python
 
-from engine.benchmark import COLUMNS
+from engine.benchmark import COLUMNS, merge_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,37 @@ def test_benchmark_rows(tmp_path):
     assert 0 < float(lora["matmul_fraction"]) and float(lora["infer_merged_ms"]) > 0
     assert adapter["infer_merged_ms"] == ""  # Adapters cannot be merged
     assert "| mobile_sam |" in out.with_suffix(".md").read_text()
+
+
+def test_a_row_of_several_rounds_reports_its_median_round_with_the_spread_and_the_highest_peak():
+    rounds = [dict(sec_per_step=s, images_per_s=2 / s, train_gflops_per_s=10 / s, infer_base_ms=i,
+                   peak_mem_mb=p, train_mem_mb=p - 800) for s, i, p in ((0.15, 7.0, 900.0), (0.10, 5.0, 910.0),
+                                                                        (0.11, 6.0, 880.0), (0.30, 9.0, 905.0))]
+    row = merge_rounds(rounds)
+    # the lower median of four: the 0.11 s round, with its own throughput and inference time
+    assert (row["sec_per_step"], row["infer_base_ms"], row["images_per_s"]) == (0.11, 6.0, 2 / 0.11)
+    assert (row["rounds"], row["sec_per_step_min"], row["sec_per_step_max"]) == (4, 0.10, 0.30)
+    assert (row["peak_mem_mb"], row["train_mem_mb"]) == (910.0, 110.0)
+    assert merge_rounds(rounds[:1]) == {**rounds[0], "rounds": 1, "sec_per_step_min": 0.15, "sec_per_step_max": 0.15}
+
+
+@pytest.mark.slow
+def test_rounds_take_turns_and_each_row_reports_them(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "benchmark.py", "-nets", "efficient_sam:vit_t", "-mods", "sam_lora,sam_adpt",
+                             "-no_plain", "-image_size", "64", "-b", "1", "-steps", "1", "-warmup", "0", "-rounds", "2",
+                             "-out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = [line.split("mod=")[1].split()[0] for line in result.stdout.splitlines() if line.startswith("round ")]
+    assert measured == ["sam_lora", "sam_adpt"] * 2  # the rows take turns
+    with open(out.with_suffix(".csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["mod"] for row in rows] == ["sam_lora", "sam_adpt"]
+    for row in rows:
+        assert row["rounds"] == "2"
+        assert float(row["sec_per_step_min"]) <= float(row["sec_per_step"]) <= float(row["sec_per_step_max"])
+    assert "median of 2 rounds" in out.with_suffix(".md").read_text()
 
 
 def test_a_training_step_imports_no_data_libraries_it_does_not_use():

@@ -144,6 +144,9 @@ REJECTED = [
     # resume takes the run's own config
     ("train", ["-resume", "checkpoint/run", "-lr", "0.1"], "-lr"),
     ("train", ["-resume", "checkpoint/run", "-epochs", "20", "-device", "cpu"], "-epochs"),
+    # benchmark.py
+    ("benchmark", ["-rounds", "0"], "-rounds"),
+    ("benchmark", ["-steps", "0"], "-steps"),
     # val.py
     ("val", ["-weights", "w", "-boxes", "b.csv"], "-boxes"),
     ("val", ["-weights", "w", "-images", "imgs"], "-images"),  # default -prompt click
