@@ -280,7 +280,7 @@ def run_benchmark(configs: list[Config], steps: int, warmup: int, rounds: int = 
 
 
 def format_row(row: dict) -> str:
-    return " ".join(f"{k}={row.get(k)}" for k in COLUMNS)
+    return " ".join(f"{k}={row[k]}" for k in COLUMNS if k in row)
 
 
 def _cell(value) -> str:
