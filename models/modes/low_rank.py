@@ -31,7 +31,7 @@ def thin_right(factor: Tensor) -> Tensor:
 def add_low_rank(out: Tensor, low_rank: Tensor, up: Tensor, alpha: float = 1.0) -> Tensor:
     """`out + alpha * low_rank @ up^T` as one addmm over the flattened tokens (whose backward's product
     `grad @ up` gets `up` column-major)."""
-    up_t = up.t().contiguous()
+    up_t = thin_right(up).t()  # row-major r x out: the transpose backward takes is column-major
     fused = torch.addmm(out.reshape(-1, out.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), up_t, alpha=alpha)
     return fused.view(out.shape)
 
