@@ -89,11 +89,11 @@ def _medsa_net(checkout: Path, row: Row, args) -> torch.nn.Module:
     if importlib.util.find_spec("onnxsim") is None:
         sys.modules["onnxsim"] = types.ModuleType("onnxsim")
         sys.modules["onnxsim"].simplify = None
-    sys.path.append(str(checkout))  # last: the toolkit's cfg (for its error lines) must win over Med-SA's
     # its models/ is a namespace folder (no __init__.py), which the toolkit's own models package would
     # shadow: bind the name to Med-SA's folder before anything imports it
     if "models" in sys.modules:
         raise RuntimeError("Med-SA's step must run in a process that has not imported the toolkit's models")
+    sys.path.append(str(checkout))  # last: the toolkit's cfg (for its error lines) must win over Med-SA's
     models = types.ModuleType("models")
     models.__path__ = [str(checkout / "models")]
     sys.modules["models"] = models
@@ -168,6 +168,19 @@ def medsa_step(checkout: Path, row: Row) -> Callable[[], None]:
         optimizer.zero_grad()
 
     return step
+
+
+def ours_step(row: Row) -> Callable[[], None]:
+    """benchmark.py's training step for `row` on CPU, under -host_memory reuse as train.py runs (the process
+    must have started with `start_up_environment("reuse", ...)` for glibc's thread cache to be off)."""
+    from cfg import Config
+    from engine.benchmark import synthetic_batch, training_step
+    from engine.host_memory import set_host_memory
+
+    set_host_memory("reuse")
+    config = Config(net=row.net, encoder=row.encoder, mod=row.mod, b=row.batch, image_size=IMAGE_SIZE,
+                    amp="none", sam_ckpt="random", device="cpu")
+    return training_step(config, synthetic_batch(config, 1, torch.device("cpu")), total_steps=1000)[3]
 
 
 def timed_step(step: Callable[[], None], steps: int, warmup: int) -> dict:

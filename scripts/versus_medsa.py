@@ -27,26 +27,15 @@ from common.cli import run_cli  # noqa: E402
 
 def child(toolkit: str, spec: str, checkout: Path, steps: int, warmup: int) -> None:
     """Measure one row of one toolkit in this process; print it as a JSON line."""
-    from engine.versus_medsa import Row, medsa_step, timed_step
+    from engine.versus_medsa import Row, medsa_step, ours_step, timed_step
 
     row = Row.parse(spec)
-    if toolkit == "medsa":
-        step = medsa_step(checkout, row)
-    else:
-        import torch
-
-        from cfg import Config
-        from engine.benchmark import synthetic_batch, training_step
-        from engine.host_memory import set_host_memory
-
-        set_host_memory("reuse")
-        config = Config(net=row.net, encoder=row.encoder, mod=row.mod, b=row.batch, image_size=256, amp="none",
-                        sam_ckpt="random", device="cpu")
-        step = training_step(config, synthetic_batch(config, 1, torch.device("cpu")), total_steps=1000)[3]
+    step = medsa_step(checkout, row) if toolkit == "medsa" else ours_step(row)
     print(json.dumps({"row": spec, "toolkit": toolkit, **timed_step(step, steps, warmup)}))
 
 
-def measure(toolkit: str, spec: str, args: argparse.Namespace) -> dict:
+def measure_in_child(toolkit: str, spec: str, args: argparse.Namespace) -> dict:
+    """One row of one toolkit measured in a fresh process (ours started with -host_memory reuse's environment)."""
     from common.errors import UserError
     from engine.host_memory import start_up_environment
 
@@ -90,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     for round_index in range(args.rounds):
         for row in rows:
             for toolkit in ("medsa", "ours") if round_index % 2 == 0 else ("ours", "medsa"):
-                measurements.append(measure(toolkit, row.spec, args))
+                measurements.append(measure_in_child(toolkit, row.spec, args))
                 found = measurements[-1]
                 print(f"round {round_index + 1}/{args.rounds}: {toolkit:5s} {row.spec:36s} "
                       f"{found['sec_per_step']:.4f} s/step, peak {found['peak_mb']:,.0f} MB, added "

@@ -167,3 +167,13 @@ def test_a_package_the_checkout_needs_is_named_in_one_line(fake_checkout):
     assert done.stderr.strip().splitlines()[-1] == (
         "error: medsa sam:vit_b:sam_lora:1 failed: -medsa: Medical-SAM-Adapter's sam needs the package "
         "einops_not_installed_here; install it with pip install einops_not_installed_here")
+
+
+def test_our_side_is_the_benchmark_step_of_the_row(fake_checkout):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "versus_medsa.py"), "-medsa", str(fake_checkout),
+                           "-steps", "1", "-warmup", "1", "-child", "ours", "efficient_sam:vit_t:sam_lora:1"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (measured["row"], measured["toolkit"]) == ("efficient_sam:vit_t:sam_lora:1", "ours")
+    assert measured["sec_per_step"] > 0 and 0 < measured["added_mb"] < measured["peak_mb"]
