@@ -142,14 +142,23 @@ def fake_checkout(tmp_path):
     return tmp_path
 
 
-def test_the_medsa_step_runs_a_checkout_with_its_own_arguments_freezing_and_prompts(fake_checkout):
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "versus_medsa.py"), "-medsa", str(fake_checkout),
-                           "-steps", "2", "-warmup", "1", "-child", "medsa", "sam:vit_b:sam_adpt:2"],
+def _versus(checkout, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "versus_medsa.py"), "-medsa", str(checkout), *flags],
                           capture_output=True, text=True, cwd=REPO)
+
+
+def _child(checkout, toolkit: str, row: str, steps: int) -> dict:
+    """One child measurement (-warmup 1) as the script's parent reads it."""
+    done = _versus(checkout, "-steps", str(steps), "-warmup", "1", "-child", toolkit, row)
     assert done.returncode == 0, done.stderr
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    assert measured["row"] == "sam:vit_b:sam_adpt:2" and measured["toolkit"] == "medsa"
-    assert measured["sec_per_step"] > 0 and measured["peak_mb"] > 0
+    assert (measured["row"], measured["toolkit"]) == (row, toolkit)
+    assert measured["sec_per_step"] > 0 and 0 < measured["peak_mb"]
+    return measured
+
+
+def test_the_medsa_step_runs_a_checkout_with_its_own_arguments_freezing_and_prompts(fake_checkout):
+    _child(fake_checkout, "medsa", "sam:vit_b:sam_adpt:2", steps=2)
     record = json.loads((fake_checkout / "models" / "sam" / "record.json").read_text())
     # its cfg saw the row, its SAM builder an empty state dict (random weights), and each step froze all
     # but the Adapter and gave every image one click
@@ -160,9 +169,7 @@ def test_the_medsa_step_runs_a_checkout_with_its_own_arguments_freezing_and_prom
 
 def test_a_package_the_checkout_needs_is_named_in_one_line(fake_checkout):
     (fake_checkout / "models" / "sam" / "__init__.py").write_text("import einops_not_installed_here\n")
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "versus_medsa.py"), "-medsa", str(fake_checkout),
-                           "-rows", "sam:vit_b:sam_lora:1", "-rounds", "1", "-steps", "1"],
-                          capture_output=True, text=True, cwd=REPO)
+    done = _versus(fake_checkout, "-rows", "sam:vit_b:sam_lora:1", "-rounds", "1", "-steps", "1")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         "error: medsa sam:vit_b:sam_lora:1 failed: -medsa: Medical-SAM-Adapter's sam needs the package "
@@ -170,10 +177,5 @@ def test_a_package_the_checkout_needs_is_named_in_one_line(fake_checkout):
 
 
 def test_our_side_is_the_benchmark_step_of_the_row(fake_checkout):
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "versus_medsa.py"), "-medsa", str(fake_checkout),
-                           "-steps", "1", "-warmup", "1", "-child", "ours", "efficient_sam:vit_t:sam_lora:1"],
-                          capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (measured["row"], measured["toolkit"]) == ("efficient_sam:vit_t:sam_lora:1", "ours")
-    assert measured["sec_per_step"] > 0 and 0 < measured["added_mb"] < measured["peak_mb"]
+    measured = _child(fake_checkout, "ours", "efficient_sam:vit_t:sam_lora:1", steps=1)
+    assert 0 < measured["added_mb"] < measured["peak_mb"]
