@@ -223,6 +223,20 @@ def summarise(measurements: list[dict]) -> list[dict]:
     return lines
 
 
+def sitting_header(checkout: Path, rounds: int, steps: int, warmup: int) -> str:
+    """One line naming what the table's figures depend on: Med-SA's commit, torch, threads, the matmul rate."""
+    import subprocess
+
+    from .benchmark import matmul_gflops
+
+    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = found.stdout.strip() if found.returncode == 0 else "unknown (not a git checkout)"
+    return (f"Medical-SAM-Adapter {commit} against the toolkit; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, matmul reference {matmul_gflops(torch.device('cpu')):.0f} GFLOP/s "
+            f"(fp32, at the start); {rounds} rounds of {steps} timed steps after {warmup} warm-up steps, "
+            f"each a fresh process")
+
+
 def versus_table(lines: list[dict]) -> str:
     from common.tables import markdown_table
 

@@ -51,7 +51,7 @@ def measure_in_child(toolkit: str, spec: str, args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     from common.errors import UserError
-    from engine.versus_medsa import DEFAULT_ROWS, Row, check_checkout, summarise, versus_table
+    from engine.versus_medsa import DEFAULT_ROWS, Row, check_checkout, sitting_header, summarise, versus_table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-medsa", type=Path, required=True, help="a Medical-SAM-Adapter checkout")
@@ -75,6 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         return []
     check_checkout(args.medsa)
     rows = [Row.parse(spec) for spec in args.rows.split(",")]
+    header = sitting_header(args.medsa, args.rounds, args.steps, args.warmup)
+    print(header, flush=True)
     measurements = []
     for round_index in range(args.rounds):
         for row in rows:
@@ -93,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             writer = csv.DictWriter(handle, fieldnames=list(lines[0]))
             writer.writeheader()
             writer.writerows(lines)
-        args.out.with_suffix(".md").write_text(table + "\n")
+        args.out.with_suffix(".md").write_text(f"{header}\n\n{table}\n")
     return lines
 
 

@@ -1,4 +1,5 @@
 """scripts/versus_medsa.py: the rounds' summary, its errors, and a Med-SA-shaped checkout driven end to end."""
+import csv
 import json
 import subprocess
 import sys
@@ -75,6 +76,10 @@ FAKE_FILES = {
             return parser.parse_args()
         """,
     "models/sam/__init__.py": "from .build_sam import sam_model_registry\n",
+    "models/MobileSAMv2/mobilesamv2/__init__.py": """
+        from models.sam.build_sam import build
+        sam_model_registry = {"tiny_vit": build}
+        """,
     "models/common/loralib.py": """
         def mark_only_lora_as_trainable(module):
             for name, parameter in module.named_parameters():
@@ -125,7 +130,7 @@ FAKE_FILES = {
         def build(args, checkpoint=None):
             global NET
             json.dump({"mod": args.mod, "b": args.b, "image_size": args.image_size,
-                       "checkpoint": torch.load(checkpoint)}, open(RECORD, "w"))
+                       "checkpoint": checkpoint and torch.load(checkpoint)}, open(RECORD, "w"))
             NET = Net()
             return NET
 
@@ -179,3 +184,21 @@ def test_a_package_the_checkout_needs_is_named_in_one_line(fake_checkout):
 def test_our_side_is_the_benchmark_step_of_the_row(fake_checkout):
     measured = _child(fake_checkout, "ours", "efficient_sam:vit_t:sam_lora:1", steps=1)
     assert 0 < measured["added_mb"] < measured["peak_mb"]
+
+
+@pytest.mark.slow
+def test_a_sitting_alternates_the_toolkits_and_writes_its_table_with_what_it_depends_on(fake_checkout, tmp_path):
+    out = tmp_path / "sitting" / "versus"
+    done = _versus(fake_checkout, "-rows", "mobile_sam:tiny_vit:sam_adpt:1", "-rounds", "2", "-steps", "1",
+                   "-warmup", "0", "-out", str(out))
+    assert done.returncode == 0, done.stderr
+    progress = [line.split()[2] for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert progress == ["medsa", "ours", "ours", "medsa"]
+    header, _, table = out.with_suffix(".md").read_text().partition("\n\n")
+    assert header.startswith("Medical-SAM-Adapter unknown (not a git checkout) against the toolkit; torch ")
+    assert "2 rounds of 1 timed steps after 0 warm-up steps" in header
+    assert table.splitlines()[2].startswith("| mobile_sam:tiny_vit:sam_adpt:1 | ")
+    with open(out.with_suffix(".csv")) as handle:
+        (line,) = list(csv.DictReader(handle))
+    assert line["row"] == "mobile_sam:tiny_vit:sam_adpt:1" and line["rounds"] == "2"
+    assert float(line["speed"]) == pytest.approx(float(line["medsa_s"]) / float(line["ours_s"]))
