@@ -32,7 +32,7 @@ from .checkpoints import save_weights
 from .host_memory import set_host_memory, start_up_environment
 from .loss import PerClassDiceCE
 from .optim import StepInBackward, adamw, learning_rate_groups, steps_in_backward
-from .runtime import PeakMemory, resolve_device, synchronize
+from .runtime import PeakMemory, median_seconds, resolve_device, synchronize
 from .session import build_base, build_model
 from .trainer import keep_frozen_batchnorm_in_eval
 from .evaluation import autocast_context
@@ -72,21 +72,6 @@ def synthetic_batch(config: Config, classes: int, device: torch.device) -> tuple
     return images.to(device), masks.to(device), Prompts(points, labels).to(device)
 
 
-def _timed(function, repeats: int, device: torch.device, warm: bool = True) -> float:
-    """Median seconds per call over `repeats` calls, after one untimed call (first-call allocations;
-    warm=False: the caller made it)."""
-    if warm:
-        function()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def measure_plain(config: Config, steps: int, warmup: int) -> dict:
     """The reference row: plain PyTorch full fine-tuning of the base net (forward under the row's autocast,
     Dice+CE loss, backward, AdamW step) without any toolkit machinery, for the *_vs_plain ratios: no mode,
@@ -110,7 +95,7 @@ def measure_plain(config: Config, steps: int, warmup: int) -> dict:
     start_mb = memory.peak_mb()
     for _ in range(max(warmup - 1, 0)):
         train_step()
-    sec_per_step = _timed(train_step, steps, device)
+    sec_per_step = median_seconds(train_step, steps, device)
     peak = memory.peak_mb()
     with FlopCounterMode(display=False) as counter:
         train_step()
@@ -179,7 +164,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     first_step = time.perf_counter() - started
     for _ in range(max(warmup - 2, 0)):
         train_step(net)
-    sec_per_step = _timed(lambda: train_step(net), steps, device, warm=warmup >= 2)  # the first step is a warm-up step
+    sec_per_step = median_seconds(lambda: train_step(net), steps, device, warm=warmup >= 2)  # the first step is a warm-up step
     peak = memory.peak_mb()
     with FlopCounterMode(display=False) as counter:
         train_step()  # counted on the eager model (the same operations)
@@ -191,7 +176,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
         ckpt_mb = path.stat().st_size / 2 ** 20
 
     model.eval()
-    infer = lambda net: _timed(lambda: net(images, prompts), 5, device) * 1000  # noqa: E731
+    infer = lambda net: median_seconds(lambda: net(images, prompts), 5, device) * 1000  # noqa: E731
     with torch.no_grad():
         unmerged_ms = infer(model)
         merged_ms = None

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,3 +101,18 @@ class PeakMemory:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_seconds(function, repeats: int, device: torch.device, warm: bool = True) -> float:
+    """Median seconds per call over `repeats` calls, after one untimed call (first-call allocations;
+    warm=False: the caller made it)."""
+    if warm:
+        function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)

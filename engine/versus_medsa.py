@@ -14,7 +14,6 @@ import importlib.util
 import statistics
 import sys
 import tempfile
-import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 
-from .runtime import PeakMemory
+from .runtime import PeakMemory, median_seconds
 
 IMAGE_SIZE = 256
 MEDSA_REGISTRIES = {"sam": "models.sam", "efficient_sam": "models.efficient_sam",
@@ -191,13 +190,9 @@ def timed_step(step: Callable[[], None], steps: int, warmup: int) -> dict:
     before = memory.peak_mb()
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
+    seconds = median_seconds(step, steps, torch.device("cpu"), warm=False)
     peak = memory.peak_mb()
-    return {"sec_per_step": statistics.median(times), "peak_mb": peak, "added_mb": peak - before}
+    return {"sec_per_step": seconds, "peak_mb": peak, "added_mb": peak - before}
 
 
 def summarise(measurements: list[dict]) -> list[dict]:

@@ -12,7 +12,6 @@ falls on both. Ours runs under -host_memory reuse, as train.py does; Med-SA's un
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -63,9 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("-out", type=Path, help="write <out>.csv and <out>.md")
     parser.add_argument("-child", nargs=2, metavar=("TOOLKIT", "ROW"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for flag in ("rounds", "steps", "warmup"):
-        if getattr(args, flag) < (0 if flag == "warmup" else 1):
-            raise UserError(f"-{flag} must be at least {0 if flag == 'warmup' else 1}, got {getattr(args, flag)}")
+    for flag, least in (("rounds", 1), ("steps", 1), ("warmup", 0)):
+        if getattr(args, flag) < least:
+            raise UserError(f"-{flag} must be at least {least}, got {getattr(args, flag)}")
     if args.child:
         try:
             child(*args.child, args.medsa, args.steps, args.warmup)
@@ -90,11 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     table = versus_table(lines)
     print(table)
     if args.out:
+        from engine.logbook import write_metrics_csv  # not before: it imports the toolkit's models
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out.with_suffix(".csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(lines[0]))
-            writer.writeheader()
-            writer.writerows(lines)
+        write_metrics_csv(args.out.with_suffix(".csv"), lines)
         args.out.with_suffix(".md").write_text(f"{header}\n\n{table}\n")
     return lines
 
