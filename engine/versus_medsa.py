@@ -5,26 +5,31 @@ Its step is the one its `function.train_sam` takes on 2-D data: the mode's freez
 image encoder, prompt encoder without gradients, mask decoder, resize to the mask, BCE-with-logits
 (pos_weight 2), backward, Adam over all parameters, zero_grad; AdaLoRA adds its orthogonality term and the
 RankAllocator that `train_sam` builds anew every batch. One click per image, random weights, fp32, 256 px.
-Ours is benchmark.py's step (`engine.benchmark.training_step`). Both are timed by `timed_step`, each in a
-fresh process; this module imports nothing of the toolkit's models, whose package name Med-SA's shares.
+Ours is benchmark.py's step (`engine.benchmark.training_step`). Each toolkit runs in a process of its own
+(`serve_steps`), Med-SA's under the C library's memory defaults as its users run it, ours under -host_memory
+reuse as train.py runs; the parent takes single steps from the two in turn, so both see the same phase of
+a machine whose speed drifts, and `summarise` gives the median over those pairs. This module imports
+nothing of the toolkit's models, whose package name Med-SA's shares.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 import sys
 import tempfile
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
 
-from .runtime import PeakMemory, median_seconds
+from .runtime import PeakMemory
 
 IMAGE_SIZE = 256
 MEDSA_REGISTRIES = {"sam": "models.sam", "efficient_sam": "models.efficient_sam",
@@ -182,43 +187,50 @@ def ours_step(row: Row) -> Callable[[], None]:
     return training_step(config, synthetic_batch(config, 1, torch.device("cpu")), total_steps=1000)[3]
 
 
-def timed_step(step: Callable[[], None], steps: int, warmup: int) -> dict:
-    """Median seconds per step over `steps` after `warmup` steps; the process's peak RSS (MB) over them all,
-    and how far the steps raised it above the RSS before them (model, batch, optimizer and libraries built)."""
+def serve_steps(step: Callable[[], None], commands: TextIO, replies: TextIO) -> None:
+    """Run `step` as the parent of a sitting asks, one JSON line per command, until `commands` ends:
+    "warm N": N untimed steps; "step": one step and its seconds; "memory": the process's peak RSS (MB) and
+    how far the steps raised it above the RSS before the first (model, batch, optimizer, libraries built)."""
     memory = PeakMemory(torch.device("cpu"))
     memory.reset()
     before = memory.peak_mb()
-    for _ in range(warmup):
-        step()
-    seconds = median_seconds(step, steps, torch.device("cpu"), warm=False)
-    peak = memory.peak_mb()
-    return {"sec_per_step": seconds, "peak_mb": peak, "added_mb": peak - before}
+    for command in commands:
+        word, *count = command.split()
+        if word == "warm":
+            for _ in range(int(count[0])):
+                step()
+            reply = {"warm": int(count[0])}
+        elif word == "step":
+            started = time.perf_counter()
+            step()
+            reply = {"seconds": time.perf_counter() - started}
+        elif word == "memory":
+            peak = memory.peak_mb()
+            reply = {"peak_mb": peak, "added_mb": peak - before}
+        else:
+            raise ValueError(f"unknown command {command.strip()!r}: warm N, step or memory")
+        print(json.dumps(reply), file=replies, flush=True)
 
 
-def summarise(measurements: list[dict]) -> list[dict]:
-    """One line per row from every round's measurements ({row, toolkit: medsa|ours, sec_per_step, peak_mb,
-    added_mb}): each toolkit's median round and the range, its highest peak and added memory; speed = Med-SA's
-    seconds / ours, peak_ratio and added_ratio = ours / Med-SA's."""
-    lines = []
-    for spec in dict.fromkeys(m["row"] for m in measurements):
-        side = {toolkit: [m for m in measurements if m["row"] == spec and m["toolkit"] == toolkit]
-                for toolkit in ("medsa", "ours")}
-        if not all(side.values()):
-            raise ValueError(f"{spec}: measurements of both toolkits are needed")
-        line = {"row": spec, "rounds": min(len(v) for v in side.values())}
-        for toolkit, found in side.items():
-            seconds = [m["sec_per_step"] for m in found]
-            line |= {f"{toolkit}_s": statistics.median_low(seconds), f"{toolkit}_s_min": min(seconds),
-                     f"{toolkit}_s_max": max(seconds), f"{toolkit}_peak_mb": max(m["peak_mb"] for m in found),
-                     f"{toolkit}_added_mb": max(m["added_mb"] for m in found)}
-        line["speed"] = line["medsa_s"] / line["ours_s"]
-        line["peak_ratio"] = line["ours_peak_mb"] / line["medsa_peak_mb"]
-        line["added_ratio"] = line["ours_added_mb"] / line["medsa_added_mb"]
-        lines.append(line)
-    return lines
+def summarise(measured: dict) -> dict:
+    """One row's line from its paired steps ({row, medsa_s, ours_s: seconds of the same pairs, in order;
+    medsa_/ours_ peak_mb and added_mb}): each toolkit's median step; speed, the median over the pairs of
+    Med-SA's seconds / ours (speed_q1, speed_q3: their quartiles); peak_ratio and added_ratio = ours / Med-SA's."""
+    medsa, ours = measured["medsa_s"], measured["ours_s"]
+    if not medsa or len(medsa) != len(ours):
+        raise ValueError(f"{measured['row']}: as many steps of each toolkit are needed, got {len(medsa)} and {len(ours)}")
+    ratios = sorted(m / o for m, o in zip(medsa, ours))
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    line = {"row": measured["row"], "pairs": len(ratios), "medsa_s": statistics.median(medsa),
+            "ours_s": statistics.median(ours), "speed": statistics.median(ratios), "speed_q1": q1, "speed_q3": q3}
+    for toolkit in ("medsa", "ours"):
+        line |= {f"{toolkit}_peak_mb": measured[f"{toolkit}_peak_mb"], f"{toolkit}_added_mb": measured[f"{toolkit}_added_mb"]}
+    line["peak_ratio"] = line["ours_peak_mb"] / line["medsa_peak_mb"]
+    line["added_ratio"] = line["ours_added_mb"] / line["medsa_added_mb"]
+    return line
 
 
-def sitting_header(checkout: Path, rounds: int, steps: int, warmup: int) -> str:
+def sitting_header(checkout: Path, pairs: int, warmup: int) -> str:
     """One line naming what the table's figures depend on: Med-SA's commit, torch, threads, the matmul rate."""
     import subprocess
 
@@ -228,19 +240,19 @@ def sitting_header(checkout: Path, rounds: int, steps: int, warmup: int) -> str:
     commit = found.stdout.strip() if found.returncode == 0 else "unknown (not a git checkout)"
     return (f"Medical-SAM-Adapter {commit} against the toolkit; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, matmul reference {matmul_gflops(torch.device('cpu')):.0f} GFLOP/s "
-            f"(fp32, at the start); {rounds} rounds of {steps} timed steps after {warmup} warm-up steps, "
-            f"each a fresh process")
+            f"(fp32, at the start); per row, both toolkits in their own fresh process, {warmup} warm-up steps each, "
+            f"then {pairs} pairs of steps taken in turn (Med-SA first in every other pair)")
 
 
 def versus_table(lines: list[dict]) -> str:
     from common.tables import markdown_table
 
-    headers = ("net:encoder:mod:batch", "Med-SA s/step (range)", "ours s/step (range)", "speed vs Med-SA",
+    headers = ("net:encoder:mod:batch", "Med-SA s/step", "ours s/step", "speed vs Med-SA (pairs' quartiles)",
                "Med-SA peak MB", "ours peak MB", "peak vs Med-SA", "Med-SA added MB", "ours added MB",
                "added vs Med-SA")
     return markdown_table(headers, [(
-        line["row"], f"{line['medsa_s']:.3f} ({line['medsa_s_min']:.3f}-{line['medsa_s_max']:.3f})",
-        f"{line['ours_s']:.3f} ({line['ours_s_min']:.3f}-{line['ours_s_max']:.3f})", f"{line['speed']:.2f}x",
+        line["row"], f"{line['medsa_s']:.3f}", f"{line['ours_s']:.3f}",
+        f"{line['speed']:.2f}x ({line['speed_q1']:.2f}-{line['speed_q3']:.2f})",
         f"{line['medsa_peak_mb']:,.0f}", f"{line['ours_peak_mb']:,.0f}", f"{line['peak_ratio']:.2f}x",
         f"{line['medsa_added_mb']:,.0f}", f"{line['ours_added_mb']:,.0f}", f"{line['added_ratio']:.2f}x")
         for line in lines])
