@@ -1,13 +1,8 @@
 """segment-anything's ViT blocks, computing the same numbers with less work and keeping less for backward.
 
 Window attention (`LeanAttention`): segment-anything pads the token grid to whole windows and runs
-`qkv`, the attention and `proj` on every padded token too; at 256 px a 16 x 16 grid in 14 x 14 windows
-becomes 28 x 28, three times the tokens. Here `qkv` runs on the real tokens and the padding gets the keys
-and values `qkv` gives a zero token (its bias, plus whatever an adapter adds to a zero input), so every
-window's keys are exactly those it had before. Only the real tokens ask queries: the windows are taken in
-up to four spans that are padded alike (whole windows, the padded last column and last row of windows,
-their corner), each query attending to all of its window's keys. The padded queries' outputs were cropped
-away unused, so the results are the official ones (up to float rounding). `proj` runs on the real tokens.
+`qkv`, the attention and `proj` on every padded token too. Here `qkv` and `proj` run on the real tokens and
+only they ask queries (models/windows.py), so the results are the official ones (up to float rounding).
 The attention itself keeps only q, k and v for backward (`rel_pos_attention`).
 
 LoRA (and the Adapter beside the MLP) save the inputs of the linears they adapt. Two of them are cheap
@@ -26,7 +21,6 @@ buffer or module name changes, so official checkpoints load as before.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT, PatchEmbed, get_rel_pos
@@ -35,19 +29,12 @@ from torch import Tensor
 from .layer_norm_2d import fuse_layer_norms_2d
 from .rel_pos_attention import rel_pos_attention
 from .saved_tensors import cast_for_matmul, saved_as_recipe
-
-
-def whole_windows_and_rest(size: int, window: int) -> list[tuple[int, int]]:
-    """The [start, stop) spans of a grid axis that fill whole windows, then the rest (the last, padded
-    window's real part): 16 tokens in windows of 14 -> [(0, 14), (14, 16)]."""
-    whole = size - size % window
-    return [(start, stop) for start, stop in ((0, whole), (whole, size)) if stop > start]
+from .windows import assemble, needs_padding, span_keys, span_queries, window_spans
 
 
 class LeanAttention(Attention):
     """`Attention` that, given `window_size`, attends within zero-padded windows of its B x H x W x C input,
-    running `qkv` and `proj` on the real tokens and the attention on the real queries only (module
-    docstring)."""
+    running `qkv` and `proj` on the real tokens and the attention on the real queries only (models/windows.py)."""
 
     def forward(self, x: Tensor, window_size: int = 0) -> Tensor:
         batch, height, width, dim = x.shape
@@ -56,33 +43,12 @@ class LeanAttention(Attention):
             attended = self.attend(q.flatten(1, 2), kv.flatten(1, 2), (height, width), (height, width))
             return self.proj(attended.view(batch, height, width, dim))
         side = window_size
-        pad_h, pad_w = -height % side, -width % side
-        if pad_h or pad_w:
-            padding = self.qkv(x.new_zeros(1, 1, 1, dim))[..., dim:]  # a zero (padding) token's keys and values
-            kv = torch.cat([kv, padding.expand(batch, height, pad_w, -1)], dim=2)
-            kv = torch.cat([kv, padding.expand(batch, pad_h, width + pad_w, -1)], dim=1)
-        rows, cols = (height + pad_h) // side, (width + pad_w) // side
-        kv_windows = kv.view(batch, rows, side, cols, side, 2 * dim).transpose(2, 3)  # B x rows x cols x window
-        attended = torch.cat([torch.cat([self.attend_windows(q, kv_windows, row_span, col_span, side)
-                                         for col_span in whole_windows_and_rest(width, side)], dim=2)
-                              for row_span in whole_windows_and_rest(height, side)], dim=1)
-        return self.proj(attended)
-
-    def attend_windows(self, q: Tensor, kv_windows: Tensor, row_span: tuple[int, int], col_span: tuple[int, int],
-                       side: int) -> Tensor:
-        """The attention of the real queries in one span of rows x columns of windows that are all padded
-        alike (B x span rows x span columns x C): each query sees its whole window's keys."""
-        (top, bottom), (left, right) = row_span, col_span
-        query_grid = (min(side, bottom - top), min(side, right - left))
-        rows, cols = (bottom - top) // query_grid[0], (right - left) // query_grid[1]
-        batch, dim = q.shape[0], q.shape[-1]
-        queries = q[:, top:bottom, left:right].reshape(batch, rows, query_grid[0], cols, query_grid[1], dim)
-        queries = queries.transpose(2, 3).reshape(batch * rows * cols, query_grid[0] * query_grid[1], dim)
-        keys = kv_windows[:, top // side:top // side + rows, left // side:left // side + cols]
-        keys = keys.reshape(batch * rows * cols, side * side, 2 * dim)
-        attended = self.attend(queries, keys, query_grid, (side, side))
-        attended = attended.view(batch, rows, cols, *query_grid, dim).transpose(2, 3)
-        return attended.reshape(batch, bottom - top, right - left, dim)
+        # a zero (padding) token's keys and values: qkv's bias, plus whatever an adapter adds to a zero input
+        padding = self.qkv(x.new_zeros(dim))[dim:] if needs_padding(height, width, side) else None
+        spans = window_spans(height, width, side)
+        outputs = [[self.attend(span_queries(q, span), span_keys(kv, padding, span), span.query_grid, (side, side))
+                    for span in row] for row in spans]
+        return self.proj(assemble(outputs, spans, batch))
 
     def attend(self, q: Tensor, kv: Tensor, query_grid: tuple[int, int], key_grid: tuple[int, int]) -> Tensor:
         """Attention of (n x queries x C) q over (n x keys x 2C) keys and values, laid out on `query_grid`

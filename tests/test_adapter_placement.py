@@ -68,14 +68,8 @@ def reference_efficient_sam(block: nn.Module, x: Tensor) -> Tensor:
 
 
 def reference_tiny_vit(block: nn.Module, x: Tensor) -> Tensor:
-    batch, height, width, dim = x.shape
-    ws = block.window_size
-    assert height % ws == 0 and width % ws == 0  # no padding to rebuild
-    windows = x.view(batch, height // ws, ws, width // ws, ws, dim).transpose(2, 3).reshape(-1, ws * ws, dim)
-    a = block.attn.forward(windows)  # WindowAttention norms its input itself
-    a = a + adapter(block.attn, a)
-    a = a.view(batch, height // ws, width // ws, ws, ws, dim).transpose(2, 3).reshape(batch, height, width, dim)
-    x = x + a
+    a = block.attn.forward(x)  # WindowAttention norms its input and windows it itself
+    x = x + a + adapter(block.attn, a)
     x = block.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     return x + block.mlp.forward(x) + adapter(block.mlp, x)  # the Mlp norms its input itself
 

@@ -104,14 +104,21 @@ def test_train_mode_batchnorm_uses_batch_statistics_and_updates_them():
 
 
 def attention_reference(attention: WindowAttention, x: torch.Tensor) -> torch.Tensor:
-    """The window attention written out: softmax(q k^T / sqrt(d) + bias) v."""
-    windows, tokens, dim = x.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
-    qkv = attention.qkv(attention.norm(x)).view(windows, tokens, heads, 3 * head_dim).permute(0, 2, 1, 3)
+    """TinyViT's window attention as the official code computes it: B x H x W x C zero-padded to whole
+    windows, every padded token normed, projected and asking queries, softmax(q k^T / sqrt(d) + bias) v,
+    then the padding cropped away."""
+    batch, height, width, dim = x.shape
+    ws, heads, head_dim = attention.window_size, attention.num_heads, attention.head_dim
+    padded = torch.nn.functional.pad(x, (0, 0, 0, -width % ws, 0, -height % ws))
+    rows, cols = padded.shape[1] // ws, padded.shape[2] // ws
+    windows = padded.view(batch, rows, ws, cols, ws, dim).transpose(2, 3).reshape(-1, ws * ws, dim)
+    qkv = attention.qkv(attention.norm(windows)).view(len(windows), ws * ws, heads, 3 * head_dim).permute(0, 2, 1, 3)
     q, k, v = qkv.split(head_dim, dim=-1)
     bias = attention.attention_biases[:, attention.attention_bias_idxs]
     weights = (q @ k.transpose(-1, -2) / head_dim ** 0.5 + bias).softmax(-1)
-    return attention.proj((weights @ v).transpose(1, 2).reshape(windows, tokens, dim))
+    out = attention.proj((weights @ v).transpose(1, 2).reshape(len(windows), ws * ws, dim))
+    out = out.view(batch, rows, cols, ws, ws, dim).transpose(2, 3).reshape(batch, rows * ws, cols * ws, dim)
+    return out[:, :height, :width]
 
 
 def window_attention() -> WindowAttention:
@@ -119,14 +126,17 @@ def window_attention() -> WindowAttention:
     attention = WindowAttention(dim=32, num_heads=2, window_size=7)
     with torch.no_grad():
         attention.attention_biases.normal_()
+        attention.norm.bias.normal_()  # a padding token's keys and values then differ from a zero input's
     return attention
 
 
+@pytest.mark.parametrize("grid", [(14, 21), (9, 12), (3, 16), (13, 13)])  # whole windows; every kind of
+# span; one short row; little padding (the grid padded first)
 @pytest.mark.parametrize("biases_train", [False, True])
-def test_window_attention_matches_the_written_out_attention_with_gradients(biases_train):
+def test_window_attention_asked_by_the_real_tokens_matches_the_official_padded_computation(grid, biases_train):
     attention = window_attention()
     attention.attention_biases.requires_grad_(biases_train)
-    x = torch.randn(6, 49, 32, requires_grad=True)
+    x = torch.randn(2, *grid, 32, requires_grad=True)
     results = []
     for forward in (attention, lambda x: attention_reference(attention, x)):
         x.grad = None
@@ -139,9 +149,22 @@ def test_window_attention_matches_the_written_out_attention_with_gradients(biase
         torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_window_attention_asks_no_padded_queries():
+    attention = window_attention().requires_grad_(False)
+    x = torch.randn(1, 16, 16, 32)  # 16 x 16 in 7 x 7 windows: 21 x 21 padded, 441 tokens for 256
+    with profile(record_shapes=True) as trace:
+        attention(x)
+    queries = sum(event.input_shapes[0][0] * event.input_shapes[0][2] for event in trace.key_averages(group_by_input_shape=True)
+                  for _ in range(event.count) if event.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
+    assert queries == 256
+    (projected,) = [event.input_shapes[1] for event in trace.key_averages(group_by_input_shape=True)
+                    if event.key == "aten::addmm" and event.input_shapes[2] == [32, 96] and event.input_shapes[1][0] > 1]
+    assert projected == [256, 32]  # qkv on the real tokens (and, apart, one padding token)
+
+
 def test_window_attention_takes_the_fused_kernel_in_float32_on_cpu_when_biases_are_frozen():
     attention = window_attention().requires_grad_(False)
-    x = torch.randn(6, 49, 32, requires_grad=True)
+    x = torch.randn(2, 9, 12, 32, requires_grad=True)
     with profile() as trace:
         attention(x).sum().backward()
     kernels = {event.key for event in trace.key_averages()}
@@ -152,7 +175,7 @@ def test_window_attention_takes_the_fused_kernel_in_float32_on_cpu_when_biases_a
 @pytest.mark.parametrize("training", [True, False])
 def test_window_attention_in_bf16_on_cpu_takes_the_math_kernel_only_for_backward(training):
     attention = window_attention().requires_grad_(False)
-    x = torch.randn(6, 49, 32, requires_grad=training)
+    x = torch.randn(2, 9, 12, 32, requires_grad=training)
     with torch.autocast("cpu", dtype=torch.bfloat16), profile() as trace:
         out = attention(x)
     kernels = {event.key for event in trace.key_averages()}
