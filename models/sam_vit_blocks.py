@@ -44,7 +44,7 @@ class LeanAttention(Attention):
             return self.proj(attended.view(batch, height, width, dim))
         side = window_size
         # a zero (padding) token's keys and values: qkv's bias, plus whatever an adapter adds to a zero input
-        padding = self.qkv(x.new_zeros(dim))[dim:] if needs_padding(height, width, side) else None
+        padding = self.qkv(x.new_zeros(1, dim))[0, dim:] if needs_padding(height, width, side) else None
         spans = window_spans(height, width, side)
         outputs = [[self.attend(span_queries(q, span), span_keys(kv, padding, span), span.query_grid, (side, side))
                     for span in row] for row in spans]

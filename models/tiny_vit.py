@@ -188,7 +188,7 @@ class WindowAttention(nn.Module):
         q, kv = qkv.split([head_dim, 2 * head_dim], dim=-1)  # B x H x W x heads x head_dim (2 * head_dim)
         padding = None
         if needs_padding(height, width, side):
-            zero = cast_for_matmul(self.norm(x.new_zeros(dim)))
+            zero = cast_for_matmul(self.norm(x.new_zeros(1, dim)))
             padding = self.qkv(zero).view(heads, 3 * head_dim)[:, head_dim:]
         spans = window_spans(height, width, side)
         bias = self.attention_biases.index_select(1, self.attention_bias_idxs.view(-1)).view(heads, side, side, -1)

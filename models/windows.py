@@ -80,18 +80,15 @@ def span_keys(tokens: Tensor, padding: Optional[Tensor], span: WindowSpan) -> Te
 
 
 def assemble(outputs: list[list[Tensor]], spans: list[list[WindowSpan]], batch: int) -> Tensor:
-    """The spans' (B x windows) x queries x ... outputs put back on the B x H x W x ... grid."""
-    def windowed(out: Tensor, span: WindowSpan) -> Tensor:
+    """The spans' (B x windows) x queries x ... outputs put back on the B x H x W x ... grid (joined with
+    `cat`, not written into a buffer in place: an exported ONNX graph computes in-place slice writes wrong)."""
+    def placed(out: Tensor, span: WindowSpan) -> Tensor:
         (query_rows, query_cols), (rows, cols) = span.query_grid, span.windows
-        return out.view(batch, rows, cols, query_rows, query_cols, *out.shape[2:]).transpose(2, 3)
+        out = out.view(batch, rows, cols, query_rows, query_cols, *out.shape[2:]).transpose(2, 3)
+        return out.reshape(batch, span.bottom - span.top, span.right - span.left, *out.shape[5:])
 
-    last = spans[-1][-1]
-    if len(spans) == 1 and len(spans[0]) == 1:
-        return windowed(outputs[0][0], last).reshape(batch, last.bottom, last.right, *outputs[0][0].shape[2:])
-    grid = outputs[0][0].new_empty(batch, last.bottom, last.right, *outputs[0][0].shape[2:])
-    for row_outputs, row in zip(outputs, spans):
-        for out, span in zip(row_outputs, row):
-            (query_rows, query_cols), (rows, cols) = span.query_grid, span.windows
-            target = grid[:, span.top:span.bottom, span.left:span.right]
-            target.view(batch, rows, query_rows, cols, query_cols, *out.shape[2:]).copy_(windowed(out, span))
-    return grid
+    def joined(parts: list[Tensor], dim: int) -> Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    return joined([joined([placed(out, span) for out, span in zip(row_outputs, row)], dim=2)
+                   for row_outputs, row in zip(outputs, spans)], dim=1)
