@@ -129,8 +129,9 @@ class PatchMerging(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-# pad the grid itself below this many padded tokens per real one: there the real-token spans' extra kernels
-# and copies cost what the few padded queries save (LiteMedSAM at 256 px, 8-20% padding: no faster with them)
+# below this many padded tokens per real one, the official padded windows: there the real-token spans' extra
+# kernels and copies cost what the few padded queries save (LiteMedSAM at 256 px, 8-20% padding: no faster,
+# and 100 MB more at the peak of a batch-2 LoRA step)
 LEAN_ABOVE = 1.5
 
 
@@ -173,12 +174,36 @@ class WindowAttention(nn.Module):
         """(B x H x W x C) -> same shape."""
         height, width, side = x.shape[1], x.shape[2], self.window_size
         padded = (height + -height % side, width + -width % side)
-        if padded[0] * padded[1] < LEAN_ABOVE * height * width:  # little padding: pad, then whole windows only
-            grid = F.pad(x, (0, 0, 0, padded[1] - width, 0, padded[0] - height))
-            return self.attend_grid(grid)[:, :height, :width]
-        return self.attend_grid(x)
+        if padded[0] * padded[1] < LEAN_ABOVE * height * width:
+            return self.attend_padded_windows(x, padded)
+        return self.attend_real_tokens(x)
 
-    def attend_grid(self, x: Tensor) -> Tensor:
+    def attend_padded_windows(self, x: Tensor, padded: tuple[int, int]) -> Tensor:
+        """The official computation: the grid zero-padded and cut into windows before the norm, every token
+        asking queries, the padding cropped away at the end."""
+        batch, height, width, dim = x.shape
+        side, rows, cols = self.window_size, padded[0] // self.window_size, padded[1] // self.window_size
+        x = F.pad(x, (0, 0, 0, padded[1] - width, 0, padded[0] - height))
+        windows = x.view(batch, rows, side, cols, side, dim).transpose(2, 3).reshape(-1, side * side, dim)
+        normed = cast_for_matmul(self.norm(windows))
+        dtype = normed.dtype  # the recipe must not hold `normed` itself
+        with saved_as_recipe(normed, lambda: self.norm(windows).to(dtype)):
+            qkv = self.qkv(normed).view(len(windows), side * side, self.num_heads, 3 * self.head_dim)
+        whole = WindowSpan(0, side, 0, side, side)
+        attended = self.attend(*qkv.split([self.head_dim, 2 * self.head_dim], dim=-1), self.gathered_bias(), whole)
+        merged = attended.transpose(1, 2).reshape(len(windows), side * side, dim)
+        with saved_as_recipe(merged, lambda: attended.transpose(1, 2).reshape(len(windows), side * side, dim)):
+            out = self.proj(merged)
+        out = out.view(batch, rows, cols, side, side, dim).transpose(2, 3).reshape(batch, *padded, dim)
+        return out[:, :height, :width]
+
+    def gathered_bias(self) -> Tensor:
+        """heads x ws x ws (query position) x ws*ws (key position)."""
+        side = self.window_size
+        return self.attention_biases.index_select(1, self.attention_bias_idxs.view(-1)).view(self.num_heads, side, side, -1)
+
+    def attend_real_tokens(self, x: Tensor) -> Tensor:
+        """Only the real tokens normed, projected and asking queries (class docstring)."""
         batch, height, width, dim = x.shape
         heads, head_dim, side = self.num_heads, self.head_dim, self.window_size
         normed = cast_for_matmul(self.norm(x))
@@ -191,7 +216,7 @@ class WindowAttention(nn.Module):
             zero = cast_for_matmul(self.norm(x.new_zeros(1, dim)))
             padding = self.qkv(zero).view(heads, 3 * head_dim)[:, head_dim:]
         spans = window_spans(height, width, side)
-        bias = self.attention_biases.index_select(1, self.attention_bias_idxs.view(-1)).view(heads, side, side, -1)
+        bias = self.gathered_bias()
         attended = [[self.attend(span_queries(q, span), span_keys(kv, padding, span), bias, span) for span in row]
                     for row in spans]
 

@@ -55,12 +55,19 @@ def needs_padding(height: int, width: int, side: int) -> bool:
     return bool(height % side or width % side)
 
 
+def _region(tokens: Tensor, span: WindowSpan) -> Tensor:
+    """The span's part of B x H x W x ... `tokens`; the tokens themselves where it is all of them (a slice
+    would add a backward that fills a zero tensor of the whole grid)."""
+    if (span.top, span.left, span.bottom, span.right) == (0, 0, *tokens.shape[1:3]):
+        return tokens
+    return tokens[:, span.top:span.bottom, span.left:span.right]
+
+
 def span_queries(tokens: Tensor, span: WindowSpan) -> Tensor:
     """The span's real tokens of B x H x W x ... `tokens`, window by window: (B x windows) x queries x ..."""
     batch, features = tokens.shape[0], tokens.shape[3:]
     (query_rows, query_cols), (rows, cols) = span.query_grid, span.windows
-    queries = tokens[:, span.top:span.bottom, span.left:span.right].reshape(
-        batch, rows, query_rows, cols, query_cols, *features)
+    queries = _region(tokens, span).reshape(batch, rows, query_rows, cols, query_cols, *features)
     return queries.transpose(2, 3).reshape(batch * rows * cols, query_rows * query_cols, *features)
 
 
@@ -69,7 +76,7 @@ def span_keys(tokens: Tensor, padding: Optional[Tensor], span: WindowSpan) -> Te
     values, shaped like one token; unused for whole windows): (B x windows) x side*side x ..."""
     batch, features = tokens.shape[0], tokens.shape[3:]
     side, (rows, cols) = span.side, span.windows
-    region = tokens[:, span.top:span.bottom, span.left:span.right]
+    region = _region(tokens, span)
     query_rows, query_cols = span.query_grid
     if query_cols < side:
         region = torch.cat([region, padding.expand(batch, region.shape[1], side - query_cols, *features)], dim=2)
