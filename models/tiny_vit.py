@@ -185,10 +185,7 @@ class WindowAttention(nn.Module):
         side, rows, cols = self.window_size, padded[0] // self.window_size, padded[1] // self.window_size
         x = F.pad(x, (0, 0, 0, padded[1] - width, 0, padded[0] - height))
         windows = x.view(batch, rows, side, cols, side, dim).transpose(2, 3).reshape(-1, side * side, dim)
-        normed = cast_for_matmul(self.norm(windows))
-        dtype = normed.dtype  # the recipe must not hold `normed` itself
-        with saved_as_recipe(normed, lambda: self.norm(windows).to(dtype)):
-            qkv = self.qkv(normed).view(len(windows), side * side, self.num_heads, 3 * self.head_dim)
+        qkv = self.projected(windows)
         whole = WindowSpan(0, side, 0, side, side)
         attended = self.attend(*qkv.split([self.head_dim, 2 * self.head_dim], dim=-1), self.gathered_bias(), whole)
         merged = attended.transpose(1, 2).reshape(len(windows), side * side, dim)
@@ -196,6 +193,13 @@ class WindowAttention(nn.Module):
             out = self.proj(merged)
         out = out.view(batch, rows, cols, side, side, dim).transpose(2, 3).reshape(batch, *padded, dim)
         return out[:, :height, :width]
+
+    def projected(self, tokens: Tensor) -> Tensor:
+        """`qkv` of the normed tokens (... x C -> ... x heads x 3*head_dim), the normed input kept as a recipe."""
+        normed = cast_for_matmul(self.norm(tokens))
+        dtype = normed.dtype  # the recipe must not hold `normed` itself
+        with saved_as_recipe(normed, lambda: self.norm(tokens).to(dtype)):
+            return self.qkv(normed).view(*tokens.shape[:-1], self.num_heads, 3 * self.head_dim)
 
     def gathered_bias(self) -> Tensor:
         """heads x ws x ws (query position) x ws*ws (key position)."""
@@ -206,10 +210,7 @@ class WindowAttention(nn.Module):
         """Only the real tokens normed, projected and asking queries (class docstring)."""
         batch, height, width, dim = x.shape
         heads, head_dim, side = self.num_heads, self.head_dim, self.window_size
-        normed = cast_for_matmul(self.norm(x))
-        dtype = normed.dtype  # the recipe must not hold `normed` itself
-        with saved_as_recipe(normed, lambda: self.norm(x).to(dtype)):
-            qkv = self.qkv(normed).view(batch, height, width, heads, 3 * head_dim)
+        qkv = self.projected(x)
         q, kv = qkv.split([head_dim, 2 * head_dim], dim=-1)  # B x H x W x heads x head_dim (2 * head_dim)
         padding = None
         if needs_padding(height, width, side):
