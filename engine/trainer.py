@@ -118,8 +118,7 @@ class Trainer:
         self.saves_all = get_mode(config.mod).saves_all  # full fine-tuning: checkpoints hold every tensor
         self.optimizer = adamw(learning_rate_groups(model, config.lr, adaptation.lr_ratios), config.lr,
                                config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate_factor(config.sched, step, self.total_steps))
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # learning_rate_factor scales them
         self.amp = resolve_amp(config.amp, runtime.device, announce=runtime.is_main)  # auto: what it chose
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.stepping_in_backward = None
@@ -162,10 +161,10 @@ class Trainer:
         own = self.model.state_dict()
         self.model.load_state_dict({k: v.to(own[k].device) for k, v in saved["model"].items()}, strict=False)
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         self.adaptation.load_state_dict(saved["adaptation"])
         self.state = TrainState(**saved["train_state"])
+        self._schedule_learning_rate()
         if self.state.global_step and self.updated_parameters is None:
             self.updated_parameters = saved.get("updated_parameters")
         set_rng_state(saved["rng"])
@@ -181,8 +180,8 @@ class Trainer:
             self._wait_for_writer()
             return
         state = {"model": checkpoints.changed_tensors(self.model, self.saves_all), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                 "adaptation": self.adaptation.state_dict(), "train_state": vars(self.state).copy(),
+                 "scaler": self.scaler.state_dict(), "adaptation": self.adaptation.state_dict(),
+                 "train_state": vars(self.state).copy(),
                  "rng": rng_state(), "world_size": self.runtime.world_size,
                  "updated_parameters": self.updated_parameters}
         checkpoints.save_state(self.run_dir / checkpoints.LAST_STATE, state)
@@ -235,8 +234,14 @@ class Trainer:
         if self.scaler.get_scale() >= scale:
             self.adaptation.after_backward(self.state.global_step)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self._schedule_learning_rate()
         return float(loss.detach())
+
+    def _schedule_learning_rate(self) -> None:
+        """Each group's rate for the next step: its base rate x the -sched factor at the global step."""
+        factor = learning_rate_factor(self.config.sched, self.state.global_step, self.total_steps)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
 
     def _train_epoch(self) -> None:
         state, config = self.state, self.config
