@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from cfg import Config
 from common.tables import markdown_table
@@ -72,6 +71,16 @@ def synthetic_batch(config: Config, classes: int, device: torch.device) -> tuple
     return images.to(device), masks.to(device), Prompts(points, labels).to(device)
 
 
+def counted_gflop(step: Callable[[], None]) -> float:
+    """GFLOP of one `step`, counted by torch's FlopCounterMode. Imported here, after a row's peak is read:
+    it imports triton, about 80 MB of resident memory that training does not use."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
+
+
 def measure_plain(config: Config, steps: int, warmup: int) -> dict:
     """The reference row: plain PyTorch full fine-tuning of the base net (forward under the row's autocast,
     Dice+CE loss, backward, AdamW step) without any toolkit machinery, for the *_vs_plain ratios: no mode,
@@ -97,9 +106,7 @@ def measure_plain(config: Config, steps: int, warmup: int) -> dict:
         train_step()
     sec_per_step = median_seconds(train_step, steps, device)
     peak = memory.peak_mb()
-    with FlopCounterMode(display=False) as counter:
-        train_step()
-    gflop = counter.get_total_flops() / 1e9
+    gflop = counted_gflop(train_step)
     params = sum(p.numel() for p in model.parameters())
     chosen = resolve_amp(config.amp, device)
     return {"net": config.net, "encoder": config.encoder, "mod": PLAIN, "decoder": "", "grad_ckpt": False, "recompute_mlp": False,
@@ -166,9 +173,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
         train_step(net)
     sec_per_step = median_seconds(lambda: train_step(net), steps, device, warm=warmup >= 2)  # the first step is a warm-up step
     peak = memory.peak_mb()
-    with FlopCounterMode(display=False) as counter:
-        train_step()  # counted on the eager model (the same operations)
-    gflop = counter.get_total_flops() / 1e9
+    gflop = counted_gflop(train_step)  # counted on the eager model (the same operations)
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "weights.safetensors"

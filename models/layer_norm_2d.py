@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d as SegmentAnythingLayerNorm2d
 from torch import Tensor, nn
+
+from .segment_anything_modeling import LayerNorm2d as SegmentAnythingLayerNorm2d
 
 
 class LayerNorm2d(SegmentAnythingLayerNorm2d):

@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, PromptEncoder
 from torch import Tensor, nn
 
 from .frozen_prefix import install_frozen_prefix
@@ -15,6 +14,7 @@ from .preprocess import standardise
 from .registry import register_net
 from .sam_vit_blocks import keep_less_for_backward
 from .sam_decoder import SAM_PIXEL_MEAN, SAM_PIXEL_STD, BatchedMaskDecoder, sam_mask_decoder, sam_prompt_encoder
+from .segment_anything_modeling import ImageEncoderViT, PromptEncoder
 from .segmenter import AdaptTargets, PromptableSegmenter, Prompts
 
 

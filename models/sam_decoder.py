@@ -13,13 +13,12 @@ cross attentions and, like `LeanTwoWayTransformer` for the final attention, keep
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch import Tensor
 
 from .decoder_tokens import query_tokens
 from .layer_norm_2d import fuse_layer_norms_2d
 from .saved_tensors import saved_as_recipe
+from .segment_anything_modeling import MaskDecoder, PromptEncoder, TwoWayAttentionBlock, TwoWayTransformer
 
 EMBED_DIM = 256
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)

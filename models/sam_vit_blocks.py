@@ -22,13 +22,12 @@ buffer or module name changes, so official checkpoints load as before.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from segment_anything.modeling.common import MLPBlock
-from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT, PatchEmbed, get_rel_pos
 from torch import Tensor
 
 from .layer_norm_2d import fuse_layer_norms_2d
 from .rel_pos_attention import rel_pos_attention
 from .saved_tensors import cast_for_matmul, saved_as_recipe
+from .segment_anything_modeling import Attention, Block, ImageEncoderViT, MLPBlock, PatchEmbed, get_rel_pos
 from .windows import assemble, needs_padding, span_keys, span_queries, window_spans
 
 

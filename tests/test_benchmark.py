@@ -92,3 +92,27 @@ def test_a_training_step_imports_no_data_libraries_it_does_not_use():
               "plot_curves([{'epoch': 0, 'train_loss': 1.0}], path, 'title')\n"
               "assert path.is_file() and 'matplotlib' in sys.modules\n")
     run_python(script)
+
+
+def test_a_training_step_imports_neither_torchs_compiler_stack_nor_torchvision():
+    """torch.optim's optimizers and segment-anything's package __init__ (through torchvision) import
+    torch._dynamo, and FlopCounterMode imports triton: about 150 MB of a small net's peak. A step of every
+    kind of net goes without them (FusedAdamW, models/segment_anything_modeling.py); segment-anything's
+    whole package is still there for code that asks for it, with the same classes."""
+    script = ("import sys, torch\n"
+              "from cfg import Config\n"
+              "from engine.benchmark import synthetic_batch, training_step\n"
+              "import engine.trainer, engine.validation, engine.predictor\n"
+              "rows = [('mobile_sam', 'tiny_vit', 'sam_adalora'), ('efficient_sam', 'vit_t', 'sam_adpt'),\n"
+              "        ('lite_medsam', 'tiny_vit', 'sam_full'), ('sam', 'vit_b', 'sam_lora')]\n"
+              "for net, encoder, mod in rows:\n"
+              "    config = Config(net=net, encoder=encoder, mod=mod, image_size=64, b=1, amp='none', sam_ckpt='random')\n"
+              "    training_step(config, synthetic_batch(config, 1, torch.device('cpu')), 4)[3]()\n"
+              "loaded = sorted(m for m in ('torch._dynamo', 'torchvision', 'triton') if m in sys.modules)\n"
+              "assert not loaded, loaded\n"
+              "import segment_anything\n"
+              "from segment_anything import SamPredictor, sam_model_registry\n"
+              "from models.segment_anything_modeling import MaskDecoder\n"
+              "assert segment_anything.modeling.MaskDecoder is MaskDecoder and 'vit_b' in sam_model_registry\n"
+              "assert 'torchvision' in sys.modules\n")
+    run_python(script)
