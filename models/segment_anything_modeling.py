@@ -1,8 +1,8 @@
 """segment-anything's modeling classes, imported without running the package's `__init__` first.
 
 That `__init__` imports segment-anything's predictor and mask generator, which import torchvision, and
-torchvision imports torch's compiler stack (torch._dynamo, sympy): about 60 MB of resident memory and a
-second and a half of start-up on the 2-core CPU, used by no model here. So when `segment_anything` is not
+torchvision imports torch's compiler stack (torch._dynamo with sympy and triton): about 170 MB of resident
+memory and 1.5 s of start-up on the 2-core CPU, used by no model here. So when `segment_anything` is not
 imported yet, its package module is made without running `__init__`, and it runs `__init__` itself the first
 time it is asked for a name it lacks (`from segment_anything import sam_model_registry`, say): other code
 still sees the whole package, with the same classes."""
