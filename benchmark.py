@@ -52,10 +52,12 @@ def main(argv=None) -> None:
                             configs.append(row)
     rows, references = run_benchmark(configs, config.steps, config.warmup, config.rounds)
     machine = machine_description(resolve_device(config.device))
-    reference = f"float32 matmul reference {statistics.median(references):.1f} GFLOP/s"
+    reference = (f"float32 matmul reference {statistics.median(references):.1f} GFLOP/s (median; "
+                 f"{min(references):.1f}-{max(references):.1f} over the measurements right before and after "
+                 f"each row, whose mean is the row's matmul_reference)")
     if config.rounds > 1:
-        reference += (f" (median of {config.rounds} rounds, {min(references):.1f}-{max(references):.1f}); each row: "
-                      f"its median round, the fastest and slowest round's s/step, its highest peak")
+        reference += (f"; {config.rounds} rounds, each row: its median round, the fastest and slowest round's "
+                      f"s/step, its highest peak")
     table = (f"Machine: {machine}; {reference}; image size "
              f"{config.image_size}, batch {config.b}, {config.steps} timed steps; random base weights; "
              f"{PLAIN}: a plain PyTorch full fine-tuning step of the same net, the base of the *_vs_plain "

@@ -1,8 +1,9 @@
 """Speed, memory and cost of every (net, mode, amp, activation checkpointing, host memory) combination.
 
 Each combination is measured in a fresh child process, started with its -host_memory policy's
-environment, so peak memory belongs to it alone; the matmul reference that the achieved GFLOP/s are
-compared with is measured in the same run. With several rounds the rows take turns, so a stretch of slow
+environment, so peak memory belongs to it alone. The matmul reference that a row's achieved GFLOP/s are
+compared with is measured by the parent right before and right after that row's process: on a shared
+virtual machine a reference taken minutes earlier can be in another speed state. With several rounds the rows take turns, so a stretch of slow
 machine time (a shared virtual machine's small operators can run 40% slower for tens of seconds) falls on
 one round of several rows rather than on every round of one.
 """
@@ -41,11 +42,11 @@ PLAIN = "plain_full"  # the -mod column of the reference row: a minimal full fin
 COLUMNS = ("net", "encoder", "mod", "decoder", "amp", "grad_ckpt", "recompute_mlp", "host_memory", "compile", "compile_s", "image_size", "batch",
            "trainable_params", "total_params", "ckpt_mb", "rounds", "sec_per_step", "sec_per_step_min", "sec_per_step_max",
            "images_per_s", "peak_mem_mb", "train_mem_mb", "train_gflops_per_s",
-           "matmul_fraction", "time_vs_plain", "peak_vs_plain", "train_mem_vs_plain", "infer_base_ms",
+           "matmul_reference", "matmul_fraction", "time_vs_plain", "peak_vs_plain", "train_mem_vs_plain", "infer_base_ms",
            "infer_unmerged_ms", "infer_merged_ms", "merged_over_base")
 
 
-def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
     """Achieved GFLOP/s of a large float32 matmul: the machine's practical limit for this run."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     for _ in range(2):
@@ -242,23 +243,26 @@ def merge_rounds(measured: list[dict]) -> dict:
 
 def run_benchmark(configs: list[Config], steps: int, warmup: int, rounds: int = 1) -> tuple[list[dict], list[float]]:
     """Measure every config in its own process, `rounds` times with the configs taking turns; returns one
-    row per config (`merge_rounds`) with its fraction of the median matmul reference, and the references
-    (one per round)."""
+    row per config (`merge_rounds`) and every matmul reference measured. A row's `matmul_reference` is the
+    mean of the references right before and after its (median) round's process; its `matmul_fraction`
+    divides its GFLOP/s by that."""
     device = resolve_device(configs[0].device)
     threads = torch.get_num_threads()
     context = multiprocessing.get_context("spawn")
     references, measured = [], [[] for _ in configs]
     for round_number in range(1, rounds + 1):
-        references.append(matmul_gflops(device))
         for config, measurements in zip(configs, measured):
+            before = matmul_gflops(device)
             with started_with(start_up_environment(config.host_memory, os.environ)), context.Pool(1) as pool:
-                measurements.append(pool.apply(_measure_in_child, ((config.to_json(), steps, warmup, threads),)))
+                measurement = pool.apply(_measure_in_child, ((config.to_json(), steps, warmup, threads),))
+            after = matmul_gflops(device)
+            references += [before, after]
+            measurements.append({**measurement, "matmul_reference": round((before + after) / 2, 1)})
             print(f"round {round_number}/{rounds}: {format_row(measurements[-1])}", flush=True)
-    reference = statistics.median(references)
     rows = []
     for measurements in measured:
         row = merge_rounds(measurements)
-        row["matmul_fraction"] = round(row["train_gflops_per_s"] / reference, 3)
+        row["matmul_fraction"] = round(row["train_gflops_per_s"] / row["matmul_reference"], 3)
         plain = next((r for r in rows if r["mod"] == PLAIN and (r["net"], r["encoder"], r["amp"])
                       == (row["net"], row["encoder"], row["amp"])), None)
         if plain is not None:

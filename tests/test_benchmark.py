@@ -41,6 +41,10 @@ def test_benchmark_rows(tmp_path):
     assert float(lora["ckpt_mb"]) == pytest.approx(4_177_124 * 4 / 2 ** 20, rel=0.01)  # float32 tensors + header
     assert float(lora["sec_per_step"]) > 0 and float(lora["peak_mem_mb"]) > float(lora["train_mem_mb"]) > 0
     assert 0 < float(lora["matmul_fraction"]) and float(lora["infer_merged_ms"]) > 0
+    for row in rows:  # each row against the matmul reference measured around its own process
+        assert float(row["matmul_fraction"]) == pytest.approx(
+            float(row["train_gflops_per_s"]) / float(row["matmul_reference"]), abs=1e-3)
+    assert len({row["matmul_reference"] for row in rows}) > 1
     assert adapter["infer_merged_ms"] == ""  # Adapters cannot be merged
     assert "| mobile_sam |" in out.with_suffix(".md").read_text()
 
@@ -73,7 +77,7 @@ def test_rounds_take_turns_and_each_row_reports_them(tmp_path):
     for row in rows:
         assert row["rounds"] == "2"
         assert float(row["sec_per_step_min"]) <= float(row["sec_per_step"]) <= float(row["sec_per_step_max"])
-    assert "median of 2 rounds" in out.with_suffix(".md").read_text()
+    assert "; 2 rounds, each row: its median round" in out.with_suffix(".md").read_text()
 
 
 def test_a_training_step_imports_no_data_libraries_it_does_not_use():
