@@ -3,9 +3,9 @@
 Each combination is measured in a fresh child process, started with its -host_memory policy's
 environment, so peak memory belongs to it alone. The matmul reference that a row's achieved GFLOP/s are
 compared with is measured by the parent right before and right after that row's process: on a shared
-virtual machine a reference taken minutes earlier can be in another speed state. With several rounds the rows take turns, so a stretch of slow
-machine time (a shared virtual machine's small operators can run 40% slower for tens of seconds) falls on
-one round of several rows rather than on every round of one.
+virtual machine a reference taken minutes earlier can be in another speed state. With several rounds the
+rows take turns, so a stretch of slow machine time (a shared virtual machine's small operators can run 40%
+slower for tens of seconds) falls on one round of several rows rather than on every round of one.
 """
 from __future__ import annotations
 

@@ -119,7 +119,8 @@ class StepInBackward:
     parameters come out exactly as from one step after backward. `on_gradient(param)` sees each gradient
     first (the trainer's probe of which parameters get one). Call `remove()` to stop."""
 
-    def __init__(self, optimizer: Union[FusedAdamW, torch.optim.Optimizer], on_gradient: Optional[Callable[[nn.Parameter], None]] = None):
+    def __init__(self, optimizer: Union[FusedAdamW, torch.optim.Optimizer],
+                 on_gradient: Optional[Callable[[nn.Parameter], None]] = None):
         self.optimizer, self.on_gradient = optimizer, on_gradient
         self.handles = [param.register_post_accumulate_grad_hook(self._step)
                         for group in optimizer.param_groups for param in group["params"]]

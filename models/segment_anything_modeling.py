@@ -18,6 +18,8 @@ def defer_package_init(name: str) -> None:
     if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ModuleNotFoundError(f"No module named {name!r}: install the pinned stack (make install)", name=name)
     package = importlib.util.module_from_spec(spec)
 
     def complete(attribute: str):
