@@ -93,6 +93,45 @@ def test_a_frozen_folded_conv_keeps_no_input_for_backward(frozen):
     assert x.grad is not None
 
 
+def operators_called(forward, x: torch.Tensor) -> set[str]:
+    with profile() as prof:
+        forward(x)
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups, stride", [(1, 1), (8, 1), (8, 2)])
+def test_conv_bn_gelu_without_gradient_is_one_fused_kernel_with_the_plain_numbers(groups, stride, channels_last):
+    layer = randomised_conv_bn(groups).eval()
+    layer.c.stride = (stride, stride)
+    x = torch.randn(2, 8, 9, 9)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with torch.no_grad():
+        reference = F.gelu(unfolded(layer, x))
+        torch.testing.assert_close(layer.activated(x), reference, rtol=1e-5, atol=1e-6)
+        called = operators_called(layer.activated, x)
+    assert "mkldnn::_convolution_pointwise" in called and "aten::gelu" not in called
+
+
+@pytest.mark.parametrize("case", ["gradient", "train_mode_batchnorm", "autocast", "float64"])
+def test_conv_bn_gelu_takes_the_plain_path_where_the_fused_kernel_does_not_apply(case):
+    layer = randomised_conv_bn(8).eval()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64 if case == "float64" else torch.float32)
+    layer = layer.to(x.dtype).train(case == "train_mode_batchnorm")
+    reference = F.gelu(unfolded(layer, x))
+    grad_mode = torch.enable_grad() if case == "gradient" else torch.no_grad()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+    with grad_mode, amp:
+        called = operators_called(layer.activated, x)
+        out = layer.activated(x)
+    assert "mkldnn::_convolution_pointwise" not in called and "aten::gelu" in called
+    tolerance = 2e-2 if case == "autocast" else 1e-5
+    torch.testing.assert_close(out.float(), reference.float().detach(), rtol=tolerance, atol=tolerance)
+    if case == "gradient":
+        out.sum().backward()
+        assert layer.c.weight.grad is not None
+
+
 def test_train_mode_batchnorm_uses_batch_statistics_and_updates_them():
     layer = randomised_conv_bn().train()
     before = layer.bn.running_mean.clone()
