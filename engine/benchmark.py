@@ -32,7 +32,7 @@ from .checkpoints import save_weights
 from .host_memory import set_host_memory, start_up_environment
 from .loss import PerClassDiceCE
 from .optim import StepInBackward, adamw, learning_rate_groups, steps_in_backward
-from .runtime import PeakMemory, median_seconds, resolve_device, synchronize
+from .runtime import PeakMemory, compiled, median_seconds, resolve_device, synchronize
 from .session import build_base, build_model
 from .trainer import keep_frozen_batchnorm_in_eval
 from .evaluation import autocast_context
@@ -163,7 +163,7 @@ def measure(config: Config, steps: int, warmup: int) -> dict:
     batch = synthetic_batch(config, 1, device)
     model, adaptation, params, train_step = training_step(config, batch, total_steps=steps + warmup + 10)
     images, _, prompts = batch
-    net = torch.compile(model) if config.compile else model
+    net = compiled(model) if config.compile else model
     memory = PeakMemory(device)
     memory.reset()
     start_mb = memory.peak_mb()  # model, batch and optimizer are in memory; training adds the rest

@@ -70,6 +70,13 @@ def stop_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` for -compile, with static shapes. Each encoder stage calls the same code at its own
+    grid size, so automatic dynamic shapes made those sizes symbolic, and inductor then failed on TinyViT's
+    window arithmetic (MobileSAM sam_lora, 256 px: "cannot determine truth value of Relational")."""
+    return torch.compile(module, dynamic=False)
+
+
 class PeakMemory:
     """Peak memory in MB: CUDA peak allocated on GPU; on CPU the process peak RSS (VmHWM), reset per window."""
 

@@ -29,7 +29,7 @@ from .logbook import TensorBoardLog, format_number, plot_curves, write_metrics_c
 from .loss import PerClassDiceCE
 from .optim import StepInBackward, adamw, learning_rate_groups, steps_in_backward
 from .peft_format import PEFT_DIR, write_peft_folder
-from .runtime import PeakMemory, Runtime, synchronize
+from .runtime import PeakMemory, Runtime, compiled, synchronize
 from .sampler import EpochShuffleSampler
 
 
@@ -141,7 +141,7 @@ class Trainer:
             self.network = DistributedDataParallel(model, device_ids=device_ids,
                                                    find_unused_parameters=bool(trainable_without_gradient(model)))
         if config.compile:  # the forward (and its backward) of the training step; checkpoints use self.model
-            self.network = torch.compile(self.network)
+            self.network = compiled(self.network)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if runtime.is_main else None)
 
     def _probe_gradient(self, param: nn.Parameter) -> None:
