@@ -6,11 +6,13 @@ close the step could come to the matmul limit if only its FLOP-carrying operator
     python scripts/profile_step.py mobile_sam sam_lora 256 1 --plain_prefix   (frozen prefix off: before)
 
 The step is benchmark.py's (random base weights, synthetic batch, one click, the trainer's AdamW and the
-mode's after-backward work, -amp none); two warm-up steps, then two profiled steps.
+mode's after-backward work, -amp none, -host_memory reuse as its rows run: started with glibc's thread cache
+off); two warm-up steps, then two profiled steps.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +24,13 @@ FLOP_OPERATOR_PARTS = ("mm", "conv", "flash_attention", "efficient_attention")
 
 
 def main(argv: list[str]) -> None:
+    from engine.host_memory import set_host_memory, start_up_environment
+
+    environment = start_up_environment("reuse", os.environ)
+    if environment != dict(os.environ):  # the thread cache is set when a process starts: start again with it
+        os.execve(sys.executable, [sys.executable, *sys.argv], environment)
+    _, host_line = set_host_memory("reuse")
+
     import torch
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
@@ -46,7 +55,7 @@ def main(argv: list[str]) -> None:
         step()
     reference = matmul_gflops(device)
     print(f"{net} {config.encoder} {mod} {size}px batch {batch}, frozen prefix {'on' if frozen_prefix.ENABLED else 'off'}, "
-          f"{torch.get_num_threads()} threads; 2 steps")
+          f"{torch.get_num_threads()} threads; 2 steps; {host_line}")
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
     total_us = sum(event.self_cpu_time_total for event in averages)
