@@ -39,8 +39,14 @@ def step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [out.detach(), x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
 
 
-def test_fused_layer_gives_peft_output_and_gradients():
-    x = torch.randn(2, 7, 12)
+# 14 tokens, fewer than the layers' 20 features: the rank-wide branch is added over the tokens; 40 tokens: the
+# weight is merged (low_rank.merge_pays)
+FEW_TOKENS, MANY_TOKENS = (2, 7), (4, 10)
+
+
+@pytest.mark.parametrize("batch_tokens", [FEW_TOKENS, MANY_TOKENS])
+def test_fused_layer_gives_peft_output_and_gradients(batch_tokens):
+    x = torch.randn(*batch_tokens, 12)
     fused, plain = adapted(True), adapted(False)
     assert isinstance(fused[0], FusedLoraLinear) and type(plain[0]) is LoraLinear
     results = step(fused, x), step(plain, x)
@@ -50,39 +56,61 @@ def test_fused_layer_gives_peft_output_and_gradients():
     assert fused.state_dict().keys() == plain.state_dict().keys()
 
 
-def profiled_ops(model: nn.Module) -> list:
-    x = torch.randn(2, 7, 12, requires_grad=True)
+def profiled_ops(model: nn.Module, batch_tokens: tuple[int, int]) -> list:
+    x = torch.randn(*batch_tokens, 12, requires_grad=True)
     with torch.profiler.profile(record_shapes=True) as prof:
         model(x).sum().backward()
     return list(prof.events())
 
 
-def full_width_elementwise(model: nn.Module) -> list[str]:
-    """The mul/add calls of one forward and backward over activations (14 tokens x 12 or 20 features), not
+def full_width_elementwise(model: nn.Module, batch_tokens: tuple[int, int]) -> list[str]:
+    """The mul/add calls of one forward and backward over activations (tokens x 12 or 20 features), not
     over the rank-3 products or the adapter weights."""
-    return [event.name for event in profiled_ops(model) if event.name in ("aten::mul", "aten::add", "aten::add_")
-            and math.prod(event.input_shapes[0] or [0]) >= 14 * 12]
+    return [event.name for event in profiled_ops(model, batch_tokens)
+            if event.name in ("aten::mul", "aten::add", "aten::add_")
+            and math.prod(event.input_shapes[0] or [0]) >= math.prod(batch_tokens) * 12]
 
 
-def rank_products_over_tokens(model: nn.Module, rank: int = 3) -> list[list]:
-    """Matrix products that multiply over all 14 tokens with the rank as an inner or outer dimension:
+def rank_products_over_tokens(model: nn.Module, batch_tokens: tuple[int, int], rank: int = 3) -> list[list]:
+    """Matrix products that multiply over all tokens with the rank as an inner or outer dimension:
     (tokens x r) @ (r x features) and (features x tokens) @ (tokens x r), which CPU BLAS runs slowly."""
-    products = []
-    for event in profiled_ops(model):
+    tokens, products = math.prod(batch_tokens), []
+    for event in profiled_ops(model, batch_tokens):
         shapes = [shape for shape in event.input_shapes if len(shape) == 2]
         if event.name in ("aten::mm", "aten::addmm") and len(shapes) >= 2:
             left, right = shapes[-2:]
-            if (left[0] == 14 and left[1] == rank) or (left[1] == 14 and right[1] == rank):
+            if (left[0] == tokens and left[1] == rank) or (left[1] == tokens and right[1] == rank):
                 products.append([left, right])
     return products
 
 
-def test_frozen_float32_base_takes_one_product_with_the_merged_weight():
+def weight_sized_products(model: nn.Module, batch_tokens: tuple[int, int]) -> list[list]:
+    """addmm calls that form a merged weight: W (20 x 12 or 12 x 20) + B @ A."""
+    return [event.input_shapes for event in profiled_ops(model, batch_tokens)
+            if event.name == "aten::addmm" and event.input_shapes[0] in ([20, 12], [12, 20])]
+
+
+def test_frozen_float32_base_adds_no_full_width_passes():
     fused, plain = adapted(True), adapted(False)
     assert not fused[0].base_layer.weight.requires_grad
-    assert full_width_elementwise(fused) == [] and full_width_elementwise(plain).count("aten::mul") == 4
-    assert rank_products_over_tokens(fused) == [], rank_products_over_tokens(fused)
-    assert len(rank_products_over_tokens(plain)) >= 4  # peft: B's product forward, dx and dB per layer
+    for batch_tokens in (FEW_TOKENS, MANY_TOKENS):
+        assert full_width_elementwise(fused, batch_tokens) == []
+        assert full_width_elementwise(plain, batch_tokens).count("aten::mul") == 4
+    assert len(rank_products_over_tokens(plain, MANY_TOKENS)) >= 4  # peft: B's product forward, dx and dB per layer
+
+
+def test_many_tokens_take_one_product_with_the_merged_weight():
+    fused = adapted(True)
+    assert rank_products_over_tokens(fused, MANY_TOKENS) == [], rank_products_over_tokens(fused, MANY_TOKENS)
+    assert len(weight_sized_products(fused, MANY_TOKENS)) == 4  # each layer's forward and backward
+
+
+def test_few_tokens_add_the_rank_wide_branch_without_forming_the_merged_weight():
+    fused = adapted(True)
+    assert weight_sized_products(fused, FEW_TOKENS) == []
+    # (x A^T) B^T accumulated in place into each layer's output, (grad B) A into its input gradient
+    accumulated = [event.input_shapes[1] for event in profiled_ops(fused, FEW_TOKENS) if event.name == "aten::addmm_"]
+    assert accumulated == [[14, 3]] * 4, accumulated
 
 
 class ThinRightFactors(TorchDispatchMode):
@@ -100,14 +128,15 @@ class ThinRightFactors(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("batch_tokens", [FEW_TOKENS, MANY_TOKENS])
 @pytest.mark.parametrize("trainable_base", [False, True])
-def test_products_with_a_rank_wide_right_factor_get_it_column_major(trainable_base):
+def test_products_with_a_rank_wide_right_factor_get_it_column_major(trainable_base, batch_tokens):
     # MKL runs (tokens x features) @ (features x r) 4-5x slower with the right factor row-major
     model = adapted(True)
     for layer in (model[0], model[2]):
         layer.base_layer.weight.requires_grad_(trainable_base)
-    with ThinRightFactors(tokens=14, rank=3) as products:
-        model(torch.randn(2, 7, 12, requires_grad=True)).sum().backward()
+    with ThinRightFactors(tokens=math.prod(batch_tokens), rank=3) as products:
+        model(torch.randn(*batch_tokens, 12, requires_grad=True)).sum().backward()
     assert len(products.strides) >= 2, products.strides  # grad @ B in each layer's backward
     assert all(stride[0] == 1 for stride in products.strides), products.strides
 
@@ -118,7 +147,7 @@ def test_backward_keeps_no_copy_of_the_merged_weight():
     weights = {layer.base_layer.weight.data_ptr(): layer.base_layer.weight.shape for layer in (model[0], model[2])}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        model(torch.randn(2, 7, 12, requires_grad=True)).sum().backward()
+        model(torch.randn(*MANY_TOKENS, 12, requires_grad=True)).sum().backward()
     weight_sized = [t for t in saved if t.shape in weights.values()]
     assert weight_sized and all(t.data_ptr() in weights for t in weight_sized)
 
@@ -133,7 +162,7 @@ def test_trainable_base_keeps_the_addmm_path_with_peft_gradients():
     assert len(results[0]) == 2 + 6  # with the two base weights' gradients
     for value, reference in zip(*results):
         torch.testing.assert_close(value, reference, **REORDERED_SUMS)
-    fused_passes, plain_passes = full_width_elementwise(fused), full_width_elementwise(plain)
+    fused_passes, plain_passes = full_width_elementwise(fused, FEW_TOKENS), full_width_elementwise(plain, FEW_TOKENS)
     # peft: per layer a scaling and a sum in forward and a scaling in backward; both keep the sums of the
     # input gradients (base and branch) in backward
     assert "aten::mul" not in fused_passes and plain_passes.count("aten::mul") == 4

@@ -12,7 +12,7 @@ from torch import nn
 
 from models.modes.lora_layer import AdaLoraLinear, AdaLoraSchedule, AdaLoraTuner, LoraLinear, LoraTuner
 from models.sam import SAM_VIT_TARGETS
-from tests.test_fused_lora import REORDERED_SUMS, full_width_elementwise, step
+from tests.test_fused_lora import FEW_TOKENS, MANY_TOKENS, REORDERED_SUMS, full_width_elementwise, step
 from tests.test_modes import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,8 +138,10 @@ def test_the_adalora_layer_adds_its_branch_without_full_width_passes():
     theirs = AdaLoraModel(nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12)),
                           AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules="0|2", total_step=10),
                           "default")
-    passes, peft_passes = full_width_elementwise(ours.model), full_width_elementwise(theirs.model)
-    assert "aten::mul" not in passes and len(passes) < len(peft_passes), (passes, peft_passes)
+    for batch_tokens in (FEW_TOKENS, MANY_TOKENS):
+        passes = full_width_elementwise(ours.model, batch_tokens)
+        peft_passes = full_width_elementwise(theirs.model, batch_tokens)
+        assert "aten::mul" not in passes and len(passes) < len(peft_passes), (passes, peft_passes)
 
 
 @pytest.mark.filterwarnings("ignore:.*LoRA tensor.*have invalid shape")  # peft's, for the rank-0 layer
