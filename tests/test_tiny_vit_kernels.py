@@ -108,7 +108,9 @@ def test_conv_bn_gelu_without_gradient_is_one_fused_kernel_with_the_plain_number
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     with torch.no_grad():
         reference = F.gelu(unfolded(layer, x))
-        torch.testing.assert_close(layer.activated(x), reference, rtol=1e-5, atol=1e-6)
+        # BatchNorm folded into the weights sums in another order: about 1e-6 apart on an AVX-512 CPU; the tanh
+        # approximation of GELU would be up to 5e-4 apart
+        torch.testing.assert_close(layer.activated(x), reference, rtol=1e-5, atol=1e-5)
         called = operators_called(layer.activated, x)
     assert "mkldnn::_convolution_pointwise" in called and "aten::gelu" not in called
 
